@@ -1,0 +1,51 @@
+"""actreg: exact activity regularization for data-parallel PyTorch training.
+
+    reg = actreg.ActivityRegularizer(model, {"encoder.*": actreg.L1(1e-4)}, sync="global")
+    loss = task_loss + reg.loss()      # one all_reduce for all layers; none in backward
+"""
+
+from .errors import ActregError, LayoutMismatchError, NonFiniteStatisticError, RecordingError
+from .penalties import (
+    AR,
+    BATCH_COUNT,
+    L1,
+    L2,
+    TAR,
+    Covariance,
+    DeCov,
+    KLSparsity,
+    LoadBalance,
+    Penalty,
+    VarianceFloor,
+    ZLoss,
+    count_of,
+    nonzero,
+)
+from .positions import positions
+from .regularizer import ActivityRegularizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AR",
+    "BATCH_COUNT",
+    "L1",
+    "L2",
+    "TAR",
+    "ActivityRegularizer",
+    "ActregError",
+    "Covariance",
+    "DeCov",
+    "KLSparsity",
+    "LayoutMismatchError",
+    "LoadBalance",
+    "NonFiniteStatisticError",
+    "Penalty",
+    "RecordingError",
+    "VarianceFloor",
+    "ZLoss",
+    "count_of",
+    "nonzero",
+    "positions",
+    "__version__",
+]

@@ -1,0 +1,44 @@
+"""Activity figures of a regularized layer, computed from the same collective as the penalties.
+
+Statistics (sums over kept positions, never differentiated): ``count`` (positions), ``abs_sum``
+and ``sq_sum`` over all elements, and ``active`` -- per unit, the number of positions where
+``|x| > threshold``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .penalties import Shapes, Stats, count_of, nonzero
+
+
+def activity_shapes(d: int) -> Shapes:
+    return {"count": (), "abs_sum": (), "sq_sum": (), "active": (d,)}
+
+
+def activity_statistics(x: Tensor, threshold: float) -> dict[str, Tensor]:
+    """Activity statistics of rows ``x`` (``[m, d]``); the result carries no autograd graph."""
+    x = x.detach()
+    return {
+        "count": count_of(x),
+        "abs_sum": x.abs().sum(),
+        "sq_sum": x.pow(2).sum(),
+        "active": (x.abs() > threshold).sum(0).to(x.dtype),
+    }
+
+
+def activity_metrics(stats: Stats) -> dict[str, Tensor]:
+    """``mean_abs``, ``rms``, ``active_fraction`` (of elements) and ``dead_units`` (units never
+    active on any kept position; 0 when nothing was recorded), plus ``count``."""
+    n = stats["count"]
+    d = stats["active"].numel()
+    elements = nonzero(n * d)
+    dead = (stats["active"] == 0).sum().to(n.dtype) * (n > 0)
+    return {
+        "count": n,
+        "mean_abs": stats["abs_sum"] / elements,
+        "rms": torch.sqrt(stats["sq_sum"] / elements),
+        "active_fraction": stats["active"].sum() / elements,
+        "dead_units": dead,
+    }
