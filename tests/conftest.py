@@ -1,0 +1,33 @@
+"""Shared fixtures: pools of gloo worker processes, started once per session and reused."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from _pool import WorkerPool
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+class Pools:
+    def __init__(self) -> None:
+        self._pools: dict[int, WorkerPool] = {}
+
+    def __getitem__(self, world_size: int) -> WorkerPool:
+        if world_size not in self._pools:
+            self._pools[world_size] = WorkerPool(world_size)
+        return self._pools[world_size]
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+
+
+@pytest.fixture(scope="session")
+def pools() -> Iterator[Pools]:
+    p = Pools()
+    yield p
+    p.close()

@@ -1,0 +1,235 @@
+"""Functions run on every rank of a WorkerPool: ``fn(rank, world_size, *args)``.
+
+They train through actreg (DDP, gloo) and return plain data (floats, numpy arrays, strings) for
+the tests to compare with an independent single-process reference.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import ProfilerActivity, profile
+
+import actreg
+from problem import CASES, DECAY, LR, STEPS, batch, make_model, shard_bounds
+
+
+def make_penalty(name: str) -> actreg.Penalty:
+    return eval(CASES[name][0], {k: getattr(actreg, k) for k in actreg.__all__})
+
+
+def _grads(model: nn.Module) -> list[np.ndarray]:
+    return [p.grad.detach().numpy().copy() for p in model.parameters()]
+
+
+def _params(model: nn.Module) -> list[np.ndarray]:
+    return [p.detach().numpy().copy() for p in model.parameters()]
+
+
+def train(
+    rank: int,
+    world_size: int,
+    names: list[str],
+    sync: str,
+    steps: int = STEPS,
+    first_step: int = 0,
+    state: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """For each penalty: DDP training of the problem model, penalty as the only loss.
+
+    Returns per penalty the per-step averaged gradients, loss values and metrics, the final
+    parameters and the final states (model, optimizer, regularizer) for resumption.
+    """
+    start, stop = shard_bounds(rank, world_size)
+    out: dict[str, Any] = {}
+    for name in names:
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        net = DDP(model)
+        reg = actreg.ActivityRegularizer(net, {CASES[name][1]: make_penalty(name)}, sync=sync, decay=DECAY)
+        if state is not None:
+            model.load_state_dict(state[name]["model"])
+            opt.load_state_dict(state[name]["opt"])
+            reg.load_state_dict(state[name]["reg"])
+        grads, losses, metrics = [], [], []
+        for step in range(first_step, first_step + steps):
+            x, mask = batch(step)
+            opt.zero_grad()
+            with reg.mask(mask[start:stop]):
+                y = net(x[start:stop])
+            loss = reg.loss()
+            (loss + 0.0 * y.sum()).backward()  # every parameter takes part, as DDP expects
+            grads.append(_grads(model))
+            losses.append(loss.item())
+            metrics.append(reg.metrics())
+            opt.step()
+        out[name] = {
+            "grads": grads,
+            "loss": losses,
+            "metrics": metrics,
+            "params": _params(model),
+            "state": {"model": model.state_dict(), "opt": opt.state_dict(), "reg": reg.state_dict()},
+        }
+        reg.remove()
+    return out
+
+
+def _collectives(prof: Any) -> list[str]:
+    return [e.name for e in prof.events() if e.name.startswith("c10d::")]
+
+
+def count_collectives(rank: int, world_size: int, sync: str) -> dict[str, list[list[str]]]:
+    """Collective ops seen in ``loss()`` and in ``backward()`` for 4 steps (model without DDP)."""
+    model = make_model()
+    reg = actreg.ActivityRegularizer(
+        model,
+        {"0": [actreg.L1(0.1), actreg.DeCov(0.1)], "1": actreg.VarianceFloor(1.0), "2": actreg.LoadBalance(4, 2, 0.1)},
+        sync=sync,
+    )
+    start, stop = shard_bounds(rank, world_size)
+    in_loss, in_backward = [], []
+    for step in range(4):
+        x, _ = batch(step)
+        model(x[start:stop])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss = reg.loss()
+        in_loss.append(_collectives(prof))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss.backward()
+        in_backward.append(_collectives(prof))
+    return {"loss": in_loss, "backward": in_backward}
+
+
+def layout_mismatch(rank: int, world_size: int, kind: str) -> str:
+    """Rank 1 builds a different regularizer; every rank must raise, none may hang."""
+    model = make_model()
+    if kind == "penalty":
+        penalties: dict[str, Any] = {"1": actreg.L1(0.1) if rank != 1 else actreg.L2(0.1)}
+    elif kind == "pattern":
+        penalties = {"1": actreg.L1(0.1)} if rank != 1 else {"1": actreg.L1(0.1), "2": actreg.ZLoss(0.1)}
+    elif kind == "weight":
+        penalties = {"1": actreg.L1(0.1 if rank != 1 else 0.2)}
+    elif kind == "sync":
+        penalties = {"1": actreg.L1(0.1)}
+    else:
+        raise ValueError(kind)
+    sync = "global" if kind != "sync" else ("ema" if rank == 1 else "global")
+    reg = actreg.ActivityRegularizer(model, penalties, sync=sync)
+    x, _ = batch(0)
+    model(x)
+    t0 = time.monotonic()
+    try:
+        reg.loss()
+    except actreg.LayoutMismatchError as err:
+        return f"{time.monotonic() - t0:.3f}s {err}"
+    return "no error"
+
+
+def recording_error(rank: int, world_size: int) -> str:
+    """Rank 1 passes a mask of the wrong shape; every rank must raise RecordingError."""
+    model = make_model()
+    reg = actreg.ActivityRegularizer(model, {"1": actreg.L1(0.1)})
+    x, mask = batch(0)
+    bad = mask if rank != 1 else mask[:, :2]
+    with reg.mask(bad):
+        model(x)
+    try:
+        reg.loss()
+    except actreg.RecordingError as err:
+        return str(err)
+    return "no error"
+
+
+def nonfinite(rank: int, world_size: int, policy: str) -> str:
+    """Rank 0 records an infinite activation: every rank raises (or skips) in the same step."""
+    model = make_model()
+    reg = actreg.ActivityRegularizer(model, {"1": actreg.L1(0.1)}, nonfinite=policy)
+    x, _ = batch(0)
+    if rank == 0:
+        with torch.no_grad():
+            model[0].bias[0] = float("nan")
+    model(x)
+    try:
+        loss = reg.loss()
+    except actreg.NonFiniteStatisticError as err:
+        return f"raised: {err}"
+    return f"value: {loss.item()}"
+
+
+def skipped_module(rank: int, world_size: int, sync: str) -> dict[str, Any]:
+    """Module "2" (router logits) runs only on rank 0; "1" everywhere. Returns averaged grads."""
+    model = make_model()
+    net = DDP(model)
+    reg = actreg.ActivityRegularizer(
+        net, {"1": actreg.L2(0.3), "2": actreg.ZLoss(0.2)}, sync=sync, decay=DECAY
+    )
+    start, stop = shard_bounds(rank, world_size)
+    results = []
+    for step in range(2):
+        x, _ = batch(step)
+        model.zero_grad()
+        h = model[1](model[0](x[start:stop]))
+        if rank == 0:
+            h = model[2](h)
+        loss = reg.loss()
+        # every rank touches every parameter so that DDP's reduction is complete
+        (loss + 0.0 * sum(p.sum() for p in model.parameters()) + 0.0 * h.sum()).backward()
+        results.append({"grads": _grads(model), "loss": loss.item()})
+    return {"steps": results}
+
+
+def zero_count(rank: int, world_size: int, names: list[str], sync: str) -> dict[str, Any]:
+    """Every position masked out on every rank: penalty 0 and zero gradient, never NaN."""
+    out = {}
+    for name in names:
+        model = make_model()
+        net = DDP(model)
+        reg = actreg.ActivityRegularizer(net, {CASES[name][1]: make_penalty(name)}, sync=sync, decay=DECAY)
+        start, stop = shard_bounds(rank, world_size)
+        x, mask = batch(0)
+        with reg.mask(torch.zeros_like(mask)):
+            y = net(x[start:stop])
+        loss = reg.loss()
+        (loss + 0.0 * y.sum()).backward()
+        out[name] = {"loss": loss.item(), "grads": _grads(model)}
+    return out
+
+
+def subgroup(rank: int, world_size: int) -> dict[str, Any] | None:
+    """A regularizer on the subgroup {0, 2} of 3 ranks; rank 1 is not part of it."""
+    group = dist.new_group([0, 2])
+    if rank == 1:
+        return None
+    model = make_model()
+    reg = actreg.ActivityRegularizer(model, {"1": actreg.VarianceFloor(1.1, gamma=0.6)}, process_group=group)
+    start, stop = {0: (0, 3), 2: (3, 7)}[rank]
+    x, _ = batch(0)
+    model(x[start:stop])
+    loss = reg.loss()
+    loss.backward()
+    for p in model.parameters():  # what DDP over the subgroup would do: average gradients
+        dist.all_reduce(p.grad, group=group)
+        p.grad /= 2
+    return {"loss": loss.item(), "grads": _grads(model)}
+
+
+def custom_penalty(rank: int, world_size: int) -> dict[str, Any]:
+    """The user-written penalty from the docs, trained with DDP in global mode."""
+    from custom_penalty import MeanTarget
+
+    model = make_model()
+    net = DDP(model)
+    reg = actreg.ActivityRegularizer(net, {"1": MeanTarget(weight=2.0, target=0.3)})
+    start, stop = shard_bounds(rank, world_size)
+    x, mask = batch(0)
+    with reg.mask(mask[start:stop]):
+        y = net(x[start:stop])
+    loss = reg.loss()
+    (loss + 0.0 * y.sum()).backward()
+    return {"loss": loss.item(), "grads": _grads(model)}
