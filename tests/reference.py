@@ -164,8 +164,8 @@ def run(name: str, pattern: str, sync: str, world_size: int, steps: int) -> dict
         g = torch.autograd.grad(loss, params, allow_unused=True)
         g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
         grads.append([gi.numpy().copy() for gi in g])
-        losses.append(loss.item() if loss.requires_grad is False else float(loss.detach()))
-        rank_losses.append([float(v) for v in per_rank])
+        losses.append(float(loss.detach()))
+        rank_losses.append([float(v.detach()) for v in per_rank])
         with torch.no_grad():
             for p, gi in zip(params, g):
                 p -= LR * gi
