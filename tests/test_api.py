@@ -1,0 +1,247 @@
+"""Single-process behaviour of the public API (no process group: behaves as one rank)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import actreg
+import reference
+from problem import batch, make_model
+
+
+class TwoBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_pattern_without_module_names_close_modules():
+    with pytest.raises(ValueError, match=r"'encoder\.5'.*matches no module.*'encoder\.[0-3]'"):
+        actreg.ActivityRegularizer(TwoBranch(), {"encoder.5": actreg.L1(1.0)})
+
+
+def test_penalty_values_are_checked():
+    with pytest.raises(TypeError, match="must be a Penalty"):
+        actreg.ActivityRegularizer(TwoBranch(), {"head": "L1"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="sync must be one of"):
+        actreg.ActivityRegularizer(TwoBranch(), {"head": actreg.L1(1.0)}, sync="global-ish")
+    with pytest.raises(ValueError, match="decay"):
+        actreg.ActivityRegularizer(TwoBranch(), {"head": actreg.L1(1.0)}, decay=1.0)
+    with pytest.raises(ValueError, match="target"):
+        actreg.KLSparsity(target=1.5, weight=1.0)
+
+
+def test_glob_matches_each_module_as_its_own_slot():
+    reg = actreg.ActivityRegularizer(TwoBranch(), {"encoder.*": actreg.L1(1.0), "encoder.3": actreg.L2(0.5)})
+    assert reg.slot_names == ["encoder.0", "encoder.1", "encoder.2", "encoder.3"]
+    model = TwoBranch().double()
+    reg = actreg.ActivityRegularizer(model, {"encoder.[13]": actreg.L1(1.0)})
+    x = torch.randn(8, 5, dtype=torch.float64)
+    model(x)
+    got = reg.loss().item()
+    h1 = model.encoder[1](model.encoder[0](x))
+    h3 = model.encoder[3](model.encoder[2](h1))
+    expected = h1.abs().sum() / 8 + h3.abs().sum() / 8
+    assert got == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_no_process_group_matches_direct_formula_for_every_penalty():
+    x, mask = batch(0)
+    for name, (src, pattern) in reference_cases().items():
+        model = make_model()
+        reg = actreg.ActivityRegularizer(model, {pattern: eval(src, vars(actreg))})
+        with reg.mask(mask):
+            model(x)
+        act = reference.activations(list(model.parameters()), x, pattern)
+        assert reg.loss().item() == pytest.approx(reference.direct(name, act, mask).item(), rel=1e-10), name
+        reg.remove()
+
+
+def reference_cases():
+    from problem import CASES
+
+    return CASES
+
+
+def test_module_called_twice_accumulates():
+    model = TwoBranch().double()
+    reg = actreg.ActivityRegularizer(model, {"head": actreg.VarianceFloor(1.0, gamma=2.0)})
+    a, b = torch.randn(4, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    model(a)
+    model(b)
+    got = reg.loss().item()
+    reg.remove()
+    h = torch.cat([model(a), model(b)])
+    expected = torch.relu(2.0 - torch.sqrt(h.var(0) + 1e-4)).mean()
+    assert got == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_observe_with_mask_and_declared_names():
+    model = TwoBranch()
+    with pytest.raises(ValueError, match="observed="):
+        actreg.ActivityRegularizer(model, {"router": actreg.ZLoss(1.0)})
+    reg = actreg.ActivityRegularizer(model, {"router": actreg.ZLoss(0.5)}, observed=["router"])
+    logits = torch.randn(2, 5, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    reg.observe("router", logits, mask=mask)
+    loss = reg.loss()
+    expected = 0.5 * torch.logsumexp(logits[mask], -1).pow(2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    (g,) = torch.autograd.grad(loss, logits)
+    (r,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(g, r, rtol=1e-12, atol=0)
+    assert torch.all(g[~mask] == 0)
+    with pytest.raises(ValueError, match="no penalties are registered"):
+        reg.observe("routr", logits)
+
+
+def test_mask_context_applies_to_matching_modules_only():
+    model = TwoBranch().double()
+    reg = actreg.ActivityRegularizer(model, {"encoder.1": actreg.L1(1.0), "head": actreg.L1(1.0)})
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    mask = torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    with reg.mask(mask, modules="encoder.*"):
+        y = model(x)
+    got = reg.loss().item()
+    h = model.encoder[1](model.encoder[0](x))
+    expected = h[mask].abs().sum() / 6 + y.abs().sum() / 8
+    assert got == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_nothing_recorded_without_autograd():
+    model = TwoBranch()
+    reg = actreg.ActivityRegularizer(model, {"head": actreg.L1(1.0)})
+    with torch.no_grad():
+        model(torch.randn(4, 5))
+    assert reg.loss().item() == 0.0
+
+
+def test_recording_errors_surface_at_loss():
+    model = TwoBranch()
+    reg = actreg.ActivityRegularizer(model, {"head": actreg.LoadBalance(num_experts=4, top_k=1, weight=1.0)})
+    model(torch.randn(4, 5))
+    with pytest.raises(actreg.RecordingError, match=r"'head'.*num_experts=4.*3 features"):
+        reg.loss()
+    reg2 = actreg.ActivityRegularizer(model, {"head": actreg.L1(1.0)}, observed=[])
+    model(torch.randn(4, 5))
+    reg2.loss()
+    reg2.observe("head", torch.randn(4, 7))
+    with pytest.raises(actreg.RecordingError, match="7 features, earlier ones had 3"):
+        reg2.loss()
+
+
+def test_tuple_output_records_first_element_and_other_outputs_error():
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    reg = actreg.ActivityRegularizer(nn.Sequential(lstm), {"0": actreg.TAR(beta=1.0)})
+    out, _ = lstm(torch.randn(2, 5, 3))
+    expected = (out[:, 1:] - out[:, :-1]).pow(2).mean()
+    assert reg.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+
+    class DictOut(nn.Module):
+        def forward(self, x):
+            return {"y": x}
+
+    reg = actreg.ActivityRegularizer(nn.Sequential(DictOut()), {"0": actreg.L1(1.0)})
+    reg._root(torch.randn(2, 3))  # the unwrapped model
+    with pytest.raises(actreg.RecordingError, match="dict, not a tensor.*observe"):
+        reg.loss()
+
+
+def test_metrics_activity_figures():
+    model = TwoBranch()
+    reg = actreg.ActivityRegularizer(model, {"encoder.1": actreg.L1(0.5)})
+    assert reg.metrics() == {}
+    x = torch.randn(16, 5)
+    with torch.no_grad():
+        model.encoder[0].bias[2] = -100.0  # unit 2 is dead after the ReLU
+    model(x)
+    reg.loss()
+    m = reg.metrics()
+    h = model.encoder[1](model.encoder[0](x)).detach()
+    assert m["encoder.1/count"] == 16
+    assert m["encoder.1/dead_units"] == 1
+    assert m["encoder.1/active_fraction"] == pytest.approx((h > 0).float().mean().item(), rel=1e-6)
+    assert m["encoder.1/mean_abs"] == pytest.approx(h.abs().mean().item(), rel=1e-6)
+    assert m["encoder.1/L1"] == pytest.approx(0.5 * h.abs().sum().item() / 16, rel=1e-6)
+    assert m["total"] == m["encoder.1/L1"]
+
+
+def test_remove_and_context_manager():
+    model = TwoBranch()
+    with actreg.ActivityRegularizer(model, {"head": actreg.L1(1.0)}) as reg:
+        model(torch.randn(2, 5))
+        assert reg.loss().item() > 0
+    assert not model.head._forward_hooks
+    model(torch.randn(2, 5))
+    assert reg.loss().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_activations_accumulate_in_float32(dtype):
+    g = torch.Generator().manual_seed(0)
+    x = (1.0 + 0.01 * torch.randn(8192, 4, generator=g)).to(dtype)
+    reg = actreg.ActivityRegularizer(nn.Sequential(nn.Identity()), {"v": actreg.L2(1.0)}, observed=["v"])
+    reg.observe("v", x)
+    got = reg.loss()
+    assert got.dtype == torch.float32
+    exact = x.double().pow(2).sum() / 8192
+    # a bf16/fp16 result would carry a rounding error of ~1e-3 relative
+    assert got.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_autocast_does_not_lower_statistic_precision():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16))
+    reg = actreg.ActivityRegularizer(model, {"0": actreg.DeCov(1.0)})
+    x = torch.randn(4096, 8) + 3.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model(x)
+    assert h.dtype == torch.bfloat16
+    got = reg.loss().item()
+    c = torch.cov(h.double().T, correction=0)
+    expected = 0.5 * (c.pow(2).sum() - torch.diagonal(c).pow(2).sum()).item()
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_ema_keeps_no_graph_and_memory_stays_flat():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+    reg = actreg.ActivityRegularizer(model, {"1": [actreg.L1(1e-3), actreg.Covariance(1e-3)]}, sync="ema")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    refs = []
+    rss = []
+    for step in range(100):
+        x = torch.randn(256, 256)
+        out = model(x)
+        refs.append(weakref.ref(out))
+        loss = out.pow(2).mean() + reg.loss()
+        opt.zero_grad()
+        loss.backward()  # a kept graph of an earlier step would fail here or leak
+        opt.step()
+        del out, loss
+        if step in (10, 99):
+            gc.collect()
+            rss.append(_rss_bytes())
+    state = reg.state_dict()
+    assert state["step"] == 100
+    for per_label in state["ema"].values():
+        for stats in per_label.values():
+            assert all(t.grad_fn is None and not t.requires_grad for t in stats.values())
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0  # no activation of any step is kept alive
+    # a kept graph holds >= 1 MB of activations per step: 90 steps would be >= 90 MB
+    assert rss[1] - rss[0] < 20 * 2**20, rss
