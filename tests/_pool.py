@@ -58,8 +58,10 @@ def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> 
         try:
             fn = getattr(importlib.import_module(module), name)
             results.put((rank, True, fn(rank, world_size, *args)))
-        except BaseException as err:  # noqa: BLE001 - sent back to the test
-            results.put((rank, False, RemoteError(rank, type(err).__name__, str(err), traceback.format_exc())))
+        except BaseException as err:
+            results.put(
+                (rank, False, RemoteError(rank, type(err).__name__, str(err), traceback.format_exc()))
+            )
     dist.destroy_process_group()
 
 
@@ -74,13 +76,17 @@ class WorkerPool:
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]
         self._results = ctx.Queue()
         self._procs = [
-            ctx.Process(target=_worker, args=(r, self.world_size, port, self._tasks[r], self._results), daemon=True)
+            ctx.Process(
+                target=_worker, args=(r, self.world_size, port, self._tasks[r], self._results), daemon=True
+            )
             for r in range(self.world_size)
         ]
         for p in self._procs:
             p.start()
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float = 180.0, expect_errors: bool = False) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, timeout: float = 180.0, expect_errors: bool = False
+    ) -> list[Any]:
         if not self._procs or not all(p.is_alive() for p in self._procs):
             self.close()
             self._start()
@@ -89,11 +95,13 @@ class WorkerPool:
         out: list[Any] = [None] * self.world_size
         try:
             for _ in range(self.world_size):
-                rank, ok, value = self._results.get(timeout=timeout)
+                rank, _ok, value = self._results.get(timeout=timeout)
                 out[rank] = value
         except queue.Empty:
             self.close()
-            raise TimeoutError(f"{fn.__name__} did not finish on all {self.world_size} ranks in {timeout}s") from None
+            raise TimeoutError(
+                f"{fn.__name__} did not finish on all {self.world_size} ranks in {timeout}s"
+            ) from None
         errors = [v for v in out if isinstance(v, RemoteError)]
         if errors and not expect_errors:
             raise AssertionError("\n".join(f"rank {e.rank}: {e.traceback}" for e in errors))
@@ -103,7 +111,7 @@ class WorkerPool:
         for q in getattr(self, "_tasks", []):
             try:
                 q.put(None)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         for p in self._procs:
             p.join(timeout=5)

@@ -21,4 +21,6 @@ class MeanTarget(actreg.Penalty):
     def value(self, s):  # s: global sums (or their moving average)
         mean = s["sum"] / actreg.nonzero(s["count"])
         return self.weight * ((mean - self.target) ** 2).sum() * (s["count"] > 0)
+
+
 # --8<-- [end:custom]

@@ -89,7 +89,11 @@ def count_collectives(rank: int, world_size: int, sync: str) -> dict[str, list[l
     model = make_model()
     reg = actreg.ActivityRegularizer(
         model,
-        {"0": [actreg.L1(0.1), actreg.DeCov(0.1)], "1": actreg.VarianceFloor(1.0), "2": actreg.LoadBalance(4, 2, 0.1)},
+        {
+            "0": [actreg.L1(0.1), actreg.DeCov(0.1)],
+            "1": actreg.VarianceFloor(1.0),
+            "2": actreg.LoadBalance(4, 2, 0.1),
+        },
         sync=sync,
     )
     start, stop = shard_bounds(rank, world_size)

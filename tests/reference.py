@@ -8,6 +8,8 @@ correction of the unbiased penalties using the bias-corrected average count ``E_
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -151,25 +153,32 @@ def run(name: str, pattern: str, sync: str, world_size: int, steps: int) -> dict
             per_rank = [loss] * world_size
         elif sync == "local":
             bounds = [0, *list(_cumsum(SHARDS[world_size]))]
-            per_rank = [direct(name, act[a:b], mask[a:b]) for a, b in zip(bounds, bounds[1:])]
+            per_rank = [direct(name, act[a:b], mask[a:b]) for a, b in itertools.pairwise(bounds)]
             loss = sum(per_rank) / world_size
         else:
             s = sums(name, act, mask)
-            ema = {k: (1 - DECAY) * v for k, v in s.items()} if ema is None else {
-                k: DECAY * ema[k].detach() + (1 - DECAY) * s[k] for k in s
-            }
+            ema = (
+                {k: (1 - DECAY) * v for k, v in s.items()}
+                if ema is None
+                else {k: DECAY * ema[k].detach() + (1 - DECAY) * s[k] for k in s}
+            )
             n_bessel = ema["n"] / (1 - DECAY ** (step + 1))
             loss = value_of(name, ema, n_bessel)
             per_rank = [loss] * world_size
         g = torch.autograd.grad(loss, params, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g)]
+        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True)]
         grads.append([gi.numpy().copy() for gi in g])
         losses.append(float(loss.detach()))
         rank_losses.append([float(v.detach()) for v in per_rank])
         with torch.no_grad():
-            for p, gi in zip(params, g):
+            for p, gi in zip(params, g, strict=True):
                 p -= LR * gi
-    return {"grads": grads, "loss": losses, "rank_loss": rank_losses, "params": [p.detach().numpy() for p in params]}
+    return {
+        "grads": grads,
+        "loss": losses,
+        "rank_loss": rank_losses,
+        "params": [p.detach().numpy() for p in params],
+    }
 
 
 def _cumsum(xs: list[int]) -> list[int]:
@@ -178,4 +187,3 @@ def _cumsum(xs: list[int]) -> list[int]:
         total += v
         out.append(total)
     return out
-

@@ -152,7 +152,7 @@ def test_tuple_output_records_first_element_and_other_outputs_error():
 
     reg = actreg.ActivityRegularizer(nn.Sequential(DictOut()), {"0": actreg.L1(1.0)})
     reg._root(torch.randn(2, 3))  # the unwrapped model
-    with pytest.raises(actreg.RecordingError, match="dict, not a tensor.*observe"):
+    with pytest.raises(actreg.RecordingError, match=r"dict, not a tensor.*observe"):
         reg.loss()
 
 

@@ -78,20 +78,25 @@ def test_module_skipped_on_one_rank(pools, sync):
         h = torch.sigmoid(x @ params[0].T + params[1])
         z = h[lo:hi] @ params[2].T + params[3]
         l2 = {"q": h.pow(2).sum(), "n": torch.tensor(float(h.shape[0] * h.shape[1]), dtype=torch.float64)}
-        zl = {"z": torch.logsumexp(z, -1).pow(2).sum(), "n": torch.tensor(float(z.shape[0] * z.shape[1]), dtype=torch.float64)}
+        zl = {
+            "z": torch.logsumexp(z, -1).pow(2).sum(),
+            "n": torch.tensor(float(z.shape[0] * z.shape[1]), dtype=torch.float64),
+        }
         if sync == "global":
             loss = 0.3 * l2["q"] / l2["n"] + 0.2 * zl["z"] / zl["n"]
         else:
             cur = {"l2q": l2["q"], "l2n": l2["n"], "z": zl["z"], "zn": zl["n"]}
-            ema = {k: (1 - DECAY) * v for k, v in cur.items()} if ema is None else {
-                k: DECAY * ema[k].detach() + (1 - DECAY) * cur[k] for k in cur
-            }
+            ema = (
+                {k: (1 - DECAY) * v for k, v in cur.items()}
+                if ema is None
+                else {k: DECAY * ema[k].detach() + (1 - DECAY) * cur[k] for k in cur}
+            )
             loss = 0.3 * ema["l2q"] / ema["l2n"] + 0.2 * ema["z"] / ema["zn"]
         grads = torch.autograd.grad(loss, params)
         for rank, result in enumerate(results):
             got = result["steps"][step]
             assert got["loss"] == pytest.approx(loss.item(), rel=1e-12)
-            for g, r in zip(got["grads"], grads):
+            for g, r in zip(got["grads"], grads, strict=True):
                 np.testing.assert_allclose(g, r.numpy(), rtol=1e-7, atol=1e-12, err_msg=f"rank {rank}")
         # the test model does not take an optimizer step, so parameters stay
 
@@ -115,7 +120,7 @@ def test_given_process_group(pools):
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for rank in (0, 2):
         assert results[rank]["loss"] == pytest.approx(loss.item(), rel=1e-12)
-        for g, r in zip(results[rank]["grads"], grads):
+        for g, r in zip(results[rank]["grads"], grads, strict=True):
             np.testing.assert_allclose(g, np.zeros_like(g) if r is None else r.numpy(), rtol=1e-7, atol=1e-12)
 
 
@@ -127,5 +132,5 @@ def test_custom_penalty_is_exact(pools):
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for result in pools[3].run(dist_cases.custom_penalty):
         assert result["loss"] == pytest.approx(loss.item(), rel=1e-12)
-        for g, r in zip(result["grads"], grads):
+        for g, r in zip(result["grads"], grads, strict=True):
             np.testing.assert_allclose(g, np.zeros_like(g) if r is None else r.numpy(), rtol=1e-7, atol=1e-12)

@@ -21,7 +21,7 @@ ATOL = 1e-12
 NAMES = list(CASES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference(name: str, sync: str, world_size: int) -> dict:
     return reference.run(name, CASES[name][1], sync, world_size, STEPS)
 
@@ -47,14 +47,18 @@ def test_gradients_match_single_process_reference(trained, name, sync, world_siz
     for rank, result in enumerate(ranks):
         got = result[name]
         for step in range(STEPS):
-            for i, (g, r) in enumerate(zip(got["grads"][step], ref["grads"][step])):
+            for i, (g, r) in enumerate(zip(got["grads"][step], ref["grads"][step], strict=True)):
                 np.testing.assert_allclose(
-                    g, r, rtol=RTOL, atol=ATOL, err_msg=f"{name} {sync} W={world_size} rank {rank} step {step} param {i}"
+                    g,
+                    r,
+                    rtol=RTOL,
+                    atol=ATOL,
+                    err_msg=f"{name} {sync} W={world_size} rank {rank} step {step} param {i}",
                 )
             # the loss value: the global penalty on every rank (global/ema), the shard's own in local
             expected = ref["rank_loss"][step][rank]
             assert got["loss"][step] == pytest.approx(expected, rel=RTOL, abs=ATOL), (name, sync, rank, step)
-        for p, r in zip(got["params"], ref["params"]):
+        for p, r in zip(got["params"], ref["params"], strict=True):
             np.testing.assert_allclose(p, r, rtol=RTOL, atol=ATOL)
     # gradients are not trivially zero: the test can fail
     assert any(np.abs(g).max() > 1e-4 for g in ref["grads"][0]), f"{name}: reference gradient is ~0"

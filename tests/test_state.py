@@ -43,7 +43,7 @@ def test_round_trip_continues_bit_for_bit(pools, straight):
     for rank in range(2):
         for name in NAMES:
             assert resumed[rank][name]["loss"] == straight[rank][name]["loss"][2:], name
-            for a, b in zip(resumed[rank][name]["params"], straight[rank][name]["params"]):
+            for a, b in zip(resumed[rank][name]["params"], straight[rank][name]["params"], strict=True):
                 assert np.array_equal(a, b), name
             _same_state(resumed[rank][name]["state"]["reg"], straight[rank][name]["state"]["reg"])
 
@@ -57,7 +57,7 @@ def test_state_saved_at_two_ranks_loads_at_three(pools):
         for rank in range(3):
             got = resumed[rank][name]
             assert got["loss"] == pytest.approx(ref["loss"][2:], rel=1e-7), name
-            for a, b in zip(got["params"], ref["params"]):
+            for a, b in zip(got["params"], ref["params"], strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-12)
 
 

@@ -1,7 +1,7 @@
 """actreg: exact activity regularization for data-parallel PyTorch training.
 
-    reg = actreg.ActivityRegularizer(model, {"encoder.*": actreg.L1(1e-4)}, sync="global")
-    loss = task_loss + reg.loss()      # one all_reduce for all layers; none in backward
+reg = actreg.ActivityRegularizer(model, {"encoder.*": actreg.L1(1e-4)}, sync="global")
+loss = task_loss + reg.loss()      # one all_reduce for all layers; none in backward
 """
 
 from .errors import ActregError, LayoutMismatchError, NonFiniteStatisticError, RecordingError
@@ -44,8 +44,8 @@ __all__ = [
     "RecordingError",
     "VarianceFloor",
     "ZLoss",
+    "__version__",
     "count_of",
     "nonzero",
     "positions",
-    "__version__",
 ]

@@ -78,7 +78,10 @@ class Layout:
             if slot.dim is None:
                 continue
             blocks = [(ACTIVITY, activity_shapes(slot.dim))]
-            blocks += [(lab, p.statistic_shapes(slot.dim)) for lab, p in zip(slot.labels, slot.penalties)]
+            blocks += [
+                (lab, p.statistic_shapes(slot.dim))
+                for lab, p in zip(slot.labels, slot.penalties, strict=True)
+            ]
             for label, shapes in blocks:
                 for stat, shape in shapes.items():
                     numel = 1

@@ -98,7 +98,7 @@ class Penalty(abc.ABC):
     def value(self, stats: Stats) -> Tensor:
         """The scalar penalty of (global or moving-average) statistics."""
 
-    def check_features(self, d: int) -> None:
+    def check_features(self, d: int) -> None:  # noqa: B027 - optional hook, no-op by default
         """Raise ``ValueError`` if activations with ``d`` features are not valid input."""
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -227,9 +227,7 @@ class KLSparsity(Penalty):
         n = stats["count"]
         rho_hat = (stats["sum"] / nonzero(n)).clamp(self.eps, 1.0 - self.eps)
         p = self.target
-        kl = p * (math.log(p) - torch.log(rho_hat)) + (1 - p) * (
-            math.log(1 - p) - torch.log1p(-rho_hat)
-        )
+        kl = p * (math.log(p) - torch.log(rho_hat)) + (1 - p) * (math.log(1 - p) - torch.log1p(-rho_hat))
         return torch.where(n > 0, self.weight * kl.sum(), torch.zeros_like(n))
 
 

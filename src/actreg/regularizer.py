@@ -169,9 +169,7 @@ class ActivityRegularizer:
                     "named_modules() names (e.g. 'encoder.layers.*.mlp'); for activations fed "
                     "through reg.observe(name, ...), list the name in observed=[...]."
                 )
-        slots = [
-            Slot(n, tuple(ps), unique_labels(ps), True) for n in names if (ps := per_module.get(n))
-        ]
+        slots = [Slot(n, tuple(ps), unique_labels(ps), True) for n in names if (ps := per_module.get(n))]
         for name, ps in per_observed.items():
             if name in per_module:
                 continue  # observe() on a module slot records into that slot
@@ -260,7 +258,7 @@ class ActivityRegularizer:
                 keep = position_mask(xa, mask)
                 rows = positions(xa, keep)
                 record: Record = {ACTIVITY: activity_statistics(rows, self.activity_threshold)}
-                for label, p in zip(slot.labels, slot.penalties):
+                for label, p in zip(slot.labels, slot.penalties, strict=True):
                     if type(p).record is Penalty.record:
                         stats = p.statistics(rows)
                     else:
@@ -272,7 +270,7 @@ class ActivityRegularizer:
                             f"declares {sorted(expected)}"
                         )
                     record[label] = stats
-        except Exception as err:  # noqa: BLE001 - reported on every rank by loss()
+        except Exception as err:
             self._fail(index, f"{type(err).__name__}: {err}")
             return
         self._seen_dim[index] = d
@@ -309,8 +307,12 @@ class ActivityRegularizer:
         pending, errors = self._pending, self._errors
         self._pending, self._errors = {}, []
 
-        local = self.layout.pack(lambda f: pending.get(f.slot, {}).get(f.label, {}).get(f.stat), dtype, device)
-        header = torch.tensor([float(bool(errors)), float(ex.rank if errors else 0)], dtype=dtype, device=device)
+        local = self.layout.pack(
+            lambda f: pending.get(f.slot, {}).get(f.label, {}).get(f.stat), dtype, device
+        )
+        header = torch.tensor(
+            [float(bool(errors)), float(ex.rank if errors else 0)], dtype=dtype, device=device
+        )
         if communicate:
             wire = torch.cat([header, local.detach()])
             ex.sum_(wire)
@@ -325,7 +327,12 @@ class ActivityRegularizer:
         values = self._values(stats, self._step + 1 if self.sync == "ema" else 0)
 
         failed, failed_rank, bad_stats, bad_values = torch.stack(
-            [header[0], header[1], (~torch.isfinite(reduced)).any().to(dtype), (~torch.isfinite(values)).any().to(dtype)]
+            [
+                header[0],
+                header[1],
+                (~torch.isfinite(reduced)).any().to(dtype),
+                (~torch.isfinite(values)).any().to(dtype),
+            ]
         ).tolist()
         if failed:
             self._raise_recording_error(ex, errors, int(failed), int(failed_rank))
@@ -354,7 +361,7 @@ class ActivityRegularizer:
             if slot.dim is None:
                 values.extend(stats.new_zeros(()) for _ in slot.penalties)
                 continue
-            for label, p in zip(slot.labels, slot.penalties):
+            for label, p in zip(slot.labels, slot.penalties, strict=True):
                 s = dict(views[(index, label)])
                 if ema_step and "count" in s:
                     s[BATCH_COUNT] = s["count"] / (1.0 - self.decay**ema_step)
@@ -412,7 +419,11 @@ class ActivityRegularizer:
 
     def _agree(self, ex: Exchange, communicate: bool) -> None:
         """First call: all ranks check they built the same layout and agree on sizes and dtype."""
-        mine = (self._description(), [self._seen_dim.get(i) for i in range(len(self.layout.slots))], str(self._preferred_dtype()))
+        mine = (
+            self._description(),
+            [self._seen_dim.get(i) for i in range(len(self.layout.slots))],
+            str(self._preferred_dtype()),
+        )
         everyone = ex.gather_objects(mine) if communicate else [mine]
         descriptions = [e[0] for e in everyone]  # type: ignore[index]
         if any(d != descriptions[0] for d in descriptions):
@@ -447,11 +458,15 @@ class ActivityRegularizer:
         unresolved = [i for i, s in enumerate(self.layout.slots) if s.dim is None]
         big = 2**40
         seen = [self._seen_dim.get(i) for i in unresolved]
-        t = torch.tensor([d or 0 for d in seen] + [-(d or big) for d in seen], dtype=torch.int64, device=self._buffer_device(ex))
+        t = torch.tensor(
+            [d or 0 for d in seen] + [-(d or big) for d in seen],
+            dtype=torch.int64,
+            device=self._buffer_device(ex),
+        )
         ex.max_(t)
         k = len(unresolved)
         top, low = t[:k].tolist(), (-t[k:]).tolist()
-        for i, hi, lo in zip(unresolved, top, low):
+        for i, hi, lo in zip(unresolved, top, low, strict=True):
             if hi == 0:
                 continue
             if hi != lo:
@@ -473,7 +488,11 @@ class ActivityRegularizer:
 
     def _nonfinite_message(self, ex: Exchange, reduced: Tensor, values: Tensor) -> str:
         bad = sorted(
-            {self.layout.slots[f.slot].name for f, v in self._field_views(reduced) if not torch.isfinite(v).all()}
+            {
+                self.layout.slots[f.slot].name
+                for f, v in self._field_views(reduced)
+                if not torch.isfinite(v).all()
+            }
         )
         labels = [f"{s.name}/{lab}" for s in self.layout.slots for lab in s.labels]
         bad_values = [labels[i] for i, v in enumerate(values.tolist()) if v != v or abs(v) == float("inf")]
@@ -510,7 +529,9 @@ class ActivityRegularizer:
                     tensors.append(t)
         keys.append("total")
         tensors.append(total)
-        return dict(zip(keys, torch.stack([t.reshape(()).to(total.dtype) for t in tensors]).tolist()))
+        return dict(
+            zip(keys, torch.stack([t.reshape(()).to(total.dtype) for t in tensors]).tolist(), strict=True)
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
