@@ -245,3 +245,13 @@ def test_ema_keeps_no_graph_and_memory_stays_flat():
     assert sum(r() is not None for r in refs) == 0  # no activation of any step is kept alive
     # a kept graph holds >= 1 MB of activations per step: 90 steps would be >= 90 MB
     assert rss[1] - rss[0] < 20 * 2**20, rss
+
+
+def test_readme_custom_penalty_is_the_tested_one():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    source = (root / "tests" / "custom_penalty.py").read_text()
+    snippet = source.split("# --8<-- [start:custom]\n")[1].split("# --8<-- [end:custom]")[0].strip()
+    readme = (root / "README.md").read_text()
+    assert snippet in readme
