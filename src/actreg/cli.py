@@ -1,0 +1,173 @@
+"""The ``actreg`` command.
+
+    actreg train   [options]          # W-rank training demo on scikit-learn's digits
+    actreg compare [options]          # no penalty vs local / global / ema, side by side
+    actreg verify  [MODULE:FACTORY]   # 1 rank vs W ranks gradients of your model: PASS/FAIL
+
+``train`` and ``compare`` start their workers with ``torch.distributed``'s elastic launcher (the
+machinery of ``torchrun``); the same workers run under ``torchrun -m actreg.demo.train`` /
+``-m actreg.demo.compare`` for multi-node use. See ``docs/cli.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+
+def _check_demo_dependencies(plots: bool) -> None:
+    from .demo._deps import require
+
+    require("sklearn.datasets")
+    require("rich.console")
+    if plots:
+        require("matplotlib")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .demo.config import config_from_args
+    from .demo.launch import launch_module
+
+    cfg = config_from_args(args)
+    _check_demo_dependencies(cfg.plots)
+    started = time.perf_counter()
+    print(f"actreg train: {cfg.nproc} worker process(es) via torch.distributed elastic launch", flush=True)
+    launch_module(cfg.nproc, "actreg.demo.train", cfg.to_argv())
+    print(f"actreg train: done in {time.perf_counter() - started:.1f}s; see {Path(cfg.out) / 'report.md'}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .demo.compare import parse_modes
+    from .demo.config import TrainConfig, config_from_args
+    from .demo.launch import launch_module
+
+    cfg = config_from_args(args)
+    if args.out is None and cfg.out == TrainConfig().out:
+        cfg.out = "runs/compare"
+    modes = parse_modes(args.modes)
+    _check_demo_dependencies(cfg.plots)
+    started = time.perf_counter()
+    print(f"actreg compare: modes {', '.join(modes)} with {cfg.nproc} worker process(es)", flush=True)
+    launch_module(cfg.nproc, "actreg.demo.compare", [*cfg.to_argv(), "--modes", ",".join(modes)])
+    print(f"actreg compare: done in {time.perf_counter() - started:.1f}s; see {Path(cfg.out) / 'compare.md'}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .demo.verify import run_verify
+
+    result = run_verify(
+        args.target,
+        nproc=args.nproc,
+        sync=args.sync,
+        tol=args.tol,
+        dtype=args.dtype,
+        task_loss=args.task_loss,
+        decay=args.decay,
+    )
+    print(result.format())
+    return 0 if result.passed else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``actreg`` argument parser (subcommands ``train``, ``compare``, ``verify``)."""
+    from .demo.config import add_train_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="actreg",
+        description="actreg: exact activity regularization for data-parallel PyTorch -- demo and checks.",
+        epilog="See docs/cli.md. Multi-node: torchrun --nnodes N ... -m actreg.demo.train [train options].",
+    )
+    parser.add_argument("--version", action="version", version=f"actreg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="train the digits demo on W worker processes",
+        description="Train an MLP on scikit-learn's digits with W ranks (gloo on CPU, NCCL on GPUs) and "
+        "activity penalties on its hidden layers. Writes metrics.jsonl, checkpoints, report.md, plots.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "compare",
+        help="the same run with no penalty, local, global and ema side by side",
+        description="Run the demo training once per sync mode (same seed, data, init, batch order) in one "
+        "launch and write compare.md / compare.json / compare.png (default --out runs/compare).",
+    )
+    add_train_arguments(p)
+    p.add_argument(
+        "--modes", default="none,local,global,ema", help="comma-separated modes (default: all four)"
+    )
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser(
+        "verify",
+        help="check that W ranks give the gradients of 1 rank for your model",
+        description="Import FACTORY from MODULE (or a file.py), a zero-argument callable returning (model, "
+        "batch, penalties); batch is inputs or (inputs, targets). Compute the gradients of task loss + "
+        "reg.loss() on the whole batch in one process, then on W ranks with uneven shards under DDP, "
+        "and report the largest difference. Exit code 0 on PASS, 1 on FAIL.",
+    )
+    p.add_argument(
+        "target",
+        nargs="?",
+        default="actreg.demo.model:verify_factory",
+        help="MODULE:FACTORY or path/to/file.py:FACTORY (default: the demo model)",
+    )
+    p.add_argument(
+        "--nproc", type=int, default=2, metavar="W", help="ranks of the distributed run (default 2)"
+    )
+    p.add_argument(
+        "--sync",
+        choices=("local", "global", "ema"),
+        default="global",
+        help="regularizer mode of the distributed run (default global; local shows the failure)",
+    )
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=None,
+        help="PASS if max |g_W - g_1| / max |g_1| <= tol (default 1e-6 in float64, 1e-4 in float32)",
+    )
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="compute dtype")
+    p.add_argument(
+        "--task-loss",
+        choices=("auto", "none", "ce"),
+        default="auto",
+        help="add cross-entropy on (inputs, integer targets): auto = when the batch has them",
+    )
+    p.add_argument("--decay", type=float, default=0.99, help="EMA decay for --sync ema")
+    p.set_defaults(func=_cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``actreg`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .demo._deps import MissingDependencyError
+    from .demo.launch import WorkerFailedError
+
+    try:
+        return int(args.func(args))
+    except (ValueError, MissingDependencyError) as err:
+        print(f"actreg {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except WorkerFailedError as err:
+        print(f"actreg {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"actreg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
