@@ -20,11 +20,12 @@ def activity_shapes(d: int) -> Shapes:
 def activity_statistics(x: Tensor, threshold: float) -> dict[str, Tensor]:
     """Activity statistics of rows ``x`` (``[m, d]``); the result carries no autograd graph."""
     x = x.detach()
+    magnitude = x.abs()
     return {
         "count": count_of(x),
-        "abs_sum": x.abs().sum(),
-        "sq_sum": x.pow(2).sum(),
-        "active": (x.abs() > threshold).sum(0).to(x.dtype),
+        "abs_sum": magnitude.sum(),
+        "sq_sum": torch.linalg.vecdot(x.reshape(-1), x.reshape(-1)),
+        "active": (magnitude > threshold).sum(0).to(x.dtype),
     }
 
 
