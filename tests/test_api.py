@@ -255,3 +255,15 @@ def test_readme_custom_penalty_is_the_tested_one():
     snippet = source.split("# --8<-- [start:custom]\n")[1].split("# --8<-- [end:custom]")[0].strip()
     readme = (root / "README.md").read_text()
     assert snippet in readme
+
+
+def test_observed_module_name_is_recorded_through_observe_only():
+    model = TwoBranch()
+    reg = actreg.ActivityRegularizer(
+        model, {"head": actreg.ZLoss(1.0), "encoder.*": actreg.L1(0.0)}, observed=["head"]
+    )
+    assert not model.head._forward_hooks
+    model(torch.randn(3, 5))  # the head's output (3 features) is not recorded
+    logits = torch.randn(4, 2, 7)
+    reg.observe("head", logits)
+    assert reg.loss().item() == pytest.approx(torch.logsumexp(logits, -1).pow(2).mean().item(), rel=1e-6)

@@ -80,7 +80,8 @@ class ActivityRegularizer:
         process_group: the data-parallel group (default: the default group; none initialised
             means a single process).
         observed: names recorded only through :meth:`observe` (activations that are not the
-            output of a module, e.g. router logits inside a layer).
+            output of a module, e.g. router logits inside a layer). A module of that name is then
+            not hooked: its penalties see only what is observed.
         grad_scale: gradient scale ``g`` of the surrogate. It must equal the factor by which the
             gradient reduction divides the sum of per-rank gradients: the group size for DDP/FSDP
             averaging (the default), ``1.0`` if you all-reduce gradients with SUM yourself.
@@ -156,12 +157,11 @@ class ActivityRegularizer:
         per_observed: dict[str, list[Penalty]] = {name: [] for name in observed}
         for pattern, value in penalties.items():
             items = _as_penalties(pattern, value)
-            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            for n in matched:
-                per_module.setdefault(n, []).extend(items)
-            if pattern in per_observed and pattern not in matched:
+            if pattern in per_observed:
                 per_observed[pattern].extend(items)
-            elif not matched:
+                continue
+            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
                 close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3) or names[:5]
                 raise ValueError(
                     f"penalty pattern {pattern!r} matches no module of {type(root).__name__}. "
@@ -169,10 +169,11 @@ class ActivityRegularizer:
                     "named_modules() names (e.g. 'encoder.layers.*.mlp'); for activations fed "
                     "through reg.observe(name, ...), list the name in observed=[...]."
                 )
+            for n in matched:
+                # a module listed in `observed` is recorded through observe() only, not its hook
+                (per_observed if n in per_observed else per_module).setdefault(n, []).extend(items)
         slots = [Slot(n, tuple(ps), unique_labels(ps), True) for n in names if (ps := per_module.get(n))]
         for name, ps in per_observed.items():
-            if name in per_module:
-                continue  # observe() on a module slot records into that slot
             if not ps:
                 raise ValueError(f"observed name {name!r} has no penalties in the mapping")
             slots.append(Slot(name, tuple(ps), unique_labels(ps), False))
