@@ -16,8 +16,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .demo.config import TrainConfig
 
 
 def _check_demo_dependencies(plots: bool) -> None:
@@ -29,12 +33,26 @@ def _check_demo_dependencies(plots: bool) -> None:
         require("matplotlib")
 
 
+def _check_resumable(cfg: TrainConfig) -> None:
+    """Refuse ``--resume`` onto a checkpoint written with other settings, before starting workers."""
+    from .demo.train import latest_checkpoint, load_checkpoint, resume_mismatch
+
+    path = latest_checkpoint(cfg.out)
+    if path is None:
+        return  # the workers say that they start from scratch
+    bad = resume_mismatch(load_checkpoint(path)["config"], cfg)
+    if bad:
+        raise ValueError(f"--resume: {path} was written with other settings: " + "; ".join(bad))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .demo.config import config_from_args
     from .demo.launch import launch_module
 
     cfg = config_from_args(args)
     _check_demo_dependencies(cfg.plots)
+    if cfg.resume:
+        _check_resumable(cfg)
     started = time.perf_counter()
     print(f"actreg train: {cfg.nproc} worker process(es) via torch.distributed elastic launch", flush=True)
     launch_module(cfg.nproc, "actreg.demo.train", cfg.to_argv())

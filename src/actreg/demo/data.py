@@ -9,6 +9,7 @@ batch does not divide -- nothing is padded or duplicated -- so the global batch,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ def load_digits_split(seed: int, test_fraction: float = 0.2) -> Digits:
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(x.shape[0], generator=g)
-    n_test = max(1, round(test_fraction * x.shape[0]))
+    n_test = max(1, math.ceil(test_fraction * x.shape[0]))
     test, train = order[:n_test], order[n_test:]
     mean = x[train].mean(0)
     std = x[train].std(0).clamp_min(1.0)  # constant border pixels stay ~0

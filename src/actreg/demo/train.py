@@ -157,7 +157,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def _resume_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The settings (of :data:`RESUME_KEYS`) in which ``cfg`` differs from a checkpoint's config."""
     now = cfg.to_dict()
     return [
         f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]
@@ -379,7 +380,7 @@ def run_training(
             path = latest_checkpoint(out)
             state = load_checkpoint(path) if path is not None else None
             if state is not None:
-                bad = _resume_mismatch(state["config"], cfg)
+                bad = resume_mismatch(state["config"], cfg)
                 if bad:
                     state = {"error": f"--resume: {path} was written with other settings: " + "; ".join(bad)}
                 else:
