@@ -114,11 +114,11 @@ def plot_losses(history: Sequence[Mapping[str, Any]], path: Path, title: str = "
 
     ax = axes[2]
     if steps:
-        world = len(steps[0]["penalty_ranks"])
+        world = max(len(s["penalty_ranks"]) for s in steps)  # W may change on --resume
         for r in range(world):
             ax.plot(
                 xs,
-                [s["penalty_ranks"][r] for s in steps],
+                [s["penalty_ranks"][r] if r < len(s["penalty_ranks"]) else math.nan for s in steps],
                 lw=0.8,
                 alpha=0.6,
                 label=f"rank {r}'s local view" if world <= 4 or r == 0 else None,
