@@ -1,8 +1,8 @@
 """Activity figures of a regularized layer, computed from the same collective as the penalties.
 
 Statistics (sums over kept positions, never differentiated): ``count`` (positions), ``abs_sum``
-and ``sq_sum`` over all elements, and ``active`` -- per unit, the number of positions where
-``|x| > threshold``.
+and ``sq_sum`` over all elements, per unit ``sum`` (its global mean is the next step's shift of
+centred penalties) and ``active`` -- the number of positions where ``|x| > threshold``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .penalties import Shapes, Stats, count_of, nonzero
 
 
 def activity_shapes(d: int) -> Shapes:
-    return {"count": (), "abs_sum": (), "sq_sum": (), "active": (d,)}
+    return {"count": (), "abs_sum": (), "sq_sum": (), "sum": (d,), "active": (d,)}
 
 
 def activity_statistics(x: Tensor, threshold: float) -> dict[str, Tensor]:
@@ -25,6 +25,7 @@ def activity_statistics(x: Tensor, threshold: float) -> dict[str, Tensor]:
         "count": count_of(x),
         "abs_sum": magnitude.sum(),
         "sq_sum": torch.linalg.vecdot(x.reshape(-1), x.reshape(-1)),
+        "sum": x.sum(0),
         "active": (magnitude > threshold).sum(0).to(x.dtype),
     }
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -75,7 +75,15 @@ class Penalty(abc.ABC):
     :meth:`statistic_shapes`, :meth:`statistics` and :meth:`value`. Penalties that need the
     structure of the activation (e.g. a time axis) override :meth:`record` instead of
     :meth:`statistics`.
+
+    Shift-invariant penalties (variances, covariances) set :attr:`centered` to name their first
+    and second moment statistics; they then receive ``x - c`` for a shift ``c`` identical on all
+    ranks (see :mod:`actreg.centering`), which keeps float32 moments accurate when
+    ``|mean| >> std``. Leave it empty for anything else.
     """
+
+    #: statistic name -> ``"first"`` | ``"square"`` | ``"outer"`` for shift-invariant penalties
+    centered: ClassVar[dict[str, str]] = {}
 
     @property
     def name(self) -> str:
@@ -250,6 +258,8 @@ class DeCov(Penalty):
     ``C = sum_i x_i x_i^T / n - mu mu^T`` is the biased covariance of the features.
     """
 
+    centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
+
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
 
@@ -270,6 +280,8 @@ class VarianceFloor(Penalty):
     ``var_j`` is the unbiased variance ``(sum_i x_ij^2 - n mu_j^2) / (n - 1)``; with ``n <= 1`` it is
     undefined and the penalty is 0.
     """
+
+    centered: ClassVar[dict[str, str]] = {"sum": "first", "sq_sum": "square"}
 
     def __init__(self, weight: float, gamma: float = 1.0, eps: float = 1e-4) -> None:
         self.weight = float(weight)
@@ -296,6 +308,8 @@ class Covariance(Penalty):
 
     ``C = (sum_i x_i x_i^T - n mu mu^T) / (n - 1)`` is the unbiased covariance; 0 when ``n <= 1``.
     """
+
+    centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
 
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)

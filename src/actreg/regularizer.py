@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from .activity import activity_metrics, activity_statistics
+from .centering import check_centered, recenter
 from .errors import LayoutMismatchError, NonFiniteStatisticError, RecordingError
 from .exchange import Exchange, surrogate
 from .layout import ACTIVITY, Field, Layout, Slot, describe_differences, unique_labels
-from .penalties import BATCH_COUNT, Penalty
+from .penalties import BATCH_COUNT, Penalty, nonzero
 from .positions import position_mask, positions
 
 SYNC_MODES = ("local", "global", "ema")
@@ -46,6 +47,7 @@ def _as_penalties(pattern: str, value: Penalty | Sequence[Penalty]) -> list[Pena
     for p in items:
         if not isinstance(p, Penalty):
             raise TypeError(f"penalties[{pattern!r}] must be a Penalty or a list of them, got {p!r}")
+        check_centered(type(p).__name__, p.centered, p.statistic_shapes(1))
     return items
 
 
@@ -142,6 +144,9 @@ class ActivityRegularizer:
         self._dtype: torch.dtype | None = None
         self._device: torch.device | None = None
         self._ema: dict[tuple[str, str, str], Tensor] = {}
+        self._shifts: dict[str, Tensor] = {}  # slot -> global shift of its centred statistics
+        self._record_shifts: dict[int, Tensor] = {}  # slot index -> shift of this step's pending sums
+        self._first_shifts: dict[int, Tensor] = {}  # shifts agreed by the first loss()
         self._step = 0
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (S, penalty values, total)
 
@@ -259,8 +264,18 @@ class ActivityRegularizer:
                 keep = position_mask(xa, mask)
                 rows = positions(xa, keep)
                 record: Record = {ACTIVITY: activity_statistics(rows, self.activity_threshold)}
+                shift = self._recording_shift(index, rows)
+                centered_rows = None
                 for label, p in zip(slot.labels, slot.penalties, strict=True):
-                    if type(p).record is Penalty.record:
+                    if p.centered and shift is not None:
+                        shift = shift.to(device=xa.device, dtype=xa.dtype)
+                        if type(p).record is not Penalty.record:
+                            stats = p.record(xa - shift, keep)
+                        else:
+                            if centered_rows is None:
+                                centered_rows = rows - shift
+                            stats = p.statistics(centered_rows)
+                    elif type(p).record is Penalty.record:
                         stats = p.statistics(rows)
                     else:
                         stats = p.record(xa, keep)
@@ -282,6 +297,51 @@ class ActivityRegularizer:
                 _add(self._pending[index][label], stats)
         else:
             self._pending[index] = record
+
+    def _recording_shift(self, index: int, rows: Tensor) -> Tensor | None:
+        """Shift of the centred statistics recorded for slot ``index`` in this step.
+
+        The global shift when there is one; before that (a slot's first step), the mean of the
+        first rows this rank records -- loss() moves those sums to a shift common to all ranks.
+        """
+        slot = self.layout.slots[index]
+        if not any(p.centered for p in slot.penalties):
+            return None
+        shift = self._record_shifts.get(index)
+        if shift is None:
+            shift = self._shifts.get(slot.name)
+            if shift is None and rows.shape[0] > 0:
+                shift = rows.detach().mean(0)
+            if shift is not None:
+                self._record_shifts[index] = shift
+        return shift
+
+    def _common_shifts(self, pending: dict[int, Record], communicate: bool) -> dict[str, Tensor]:
+        """Move this rank's centred sums to the step's common shift of each slot; return those shifts.
+
+        The common shift is the global one, else (first step) the one the first loss() agreed on,
+        else the rank's own shift when nothing is summed across ranks, else zero.
+        """
+        used: dict[str, Tensor] = {}
+        record_shifts, self._record_shifts = self._record_shifts, {}
+        for index, slot in enumerate(self.layout.slots):
+            if slot.dim is None or not any(p.centered for p in slot.penalties):
+                continue
+            recorded = record_shifts.get(index)
+            target = self._shifts.get(slot.name, self._first_shifts.get(index))
+            if target is None:
+                target = recorded if (recorded is not None and not communicate) else None
+            if target is None:
+                target = torch.zeros(slot.dim, dtype=self._dtype)
+            record = pending.get(index)
+            if record is not None and recorded is not None:
+                delta = (target.to(recorded) - recorded).detach()
+                for label, p in zip(slot.labels, slot.penalties, strict=True):
+                    if p.centered:
+                        record[label] = recenter(record[label], p.centered, delta.to(record[label]["count"]))
+            used[slot.name] = target
+        self._first_shifts = {}
+        return used
 
     # ------------------------------------------------------------------ the step
     def loss(self) -> Tensor:
@@ -307,6 +367,7 @@ class ActivityRegularizer:
         device = self._buffer_device(ex)
         pending, errors = self._pending, self._errors
         self._pending, self._errors = {}, []
+        shifts_used = self._common_shifts(pending, communicate)
 
         local = self.layout.pack(
             lambda f: pending.get(f.slot, {}).get(f.label, {}).get(f.stat), dtype, device
@@ -351,6 +412,7 @@ class ActivityRegularizer:
                 for f, view in self._field_views(stats)
                 if f.label != ACTIVITY
             }
+        self._update_shifts(reduced, shifts_used)
         total = values.sum() if values.numel() else torch.zeros((), dtype=dtype, device=device)
         self._last = (reduced, values.detach(), total.detach())
         return total
@@ -370,6 +432,29 @@ class ActivityRegularizer:
         if not values:
             return stats.new_zeros(0)
         return torch.stack(values)
+
+    def _update_shifts(self, reduced: Tensor, used: dict[str, Tensor]) -> None:
+        """Next step's shift of each centred slot: this step's global mean (kept if it saw nothing).
+
+        Moving averages taken around this step's shift are moved to the new one, exactly.
+        """
+        views = self.layout.unpack(reduced)
+        for index, slot in enumerate(self.layout.slots):
+            if slot.name not in used:
+                continue
+            act = views[(index, ACTIVITY)]
+            old = used[slot.name].to(device=act["sum"].device, dtype=act["sum"].dtype)
+            new = torch.where(act["count"] > 0, act["sum"] / nonzero(act["count"]), old)
+            self._shifts[slot.name] = new
+            if self.sync != "ema":
+                continue
+            delta = new - old
+            for label, p in zip(slot.labels, slot.penalties, strict=True):
+                keys = [(slot.name, label, stat) for stat in p.statistic_shapes(slot.dim)]
+                if not p.centered or not all(k in self._ema for k in keys):
+                    continue
+                moved = recenter({k[2]: self._ema[k] for k in keys}, p.centered, delta)
+                self._ema.update({(slot.name, label, stat): t for stat, t in moved.items()})
 
     def _field_views(self, buffer: Tensor) -> Iterator[tuple[Field, Tensor]]:
         for f in self.layout.fields:
@@ -420,10 +505,16 @@ class ActivityRegularizer:
 
     def _agree(self, ex: Exchange, communicate: bool) -> None:
         """First call: all ranks check they built the same layout and agree on sizes and dtype."""
+        local_shifts = {
+            i: (float(self._pending[i][ACTIVITY]["count"]), shift.detach().double().cpu().tolist())
+            for i, shift in self._record_shifts.items()
+            if i in self._pending
+        }
         mine = (
             self._description(),
             [self._seen_dim.get(i) for i in range(len(self.layout.slots))],
             str(self._preferred_dtype()),
+            local_shifts,
         )
         everyone = ex.gather_objects(mine) if communicate else [mine]
         descriptions = [e[0] for e in everyone]  # type: ignore[index]
@@ -449,6 +540,16 @@ class ActivityRegularizer:
         for dt in dtypes:
             dtype = torch.promote_types(dtype, dt)
         self._dtype = dtype
+        # first step of centred slots: the count-weighted mean of the ranks' own shifts
+        per_slot: dict[int, list[tuple[float, list[float]]]] = {}
+        for e in everyone:
+            for i, (n, shift) in e[3].items():  # type: ignore[index]
+                per_slot.setdefault(i, []).append((n, shift))
+        for i, entries in per_slot.items():
+            total = sum(n for n, _ in entries)
+            if total > 0 and all(len(c) == self.layout.slots[i].dim for _, c in entries):
+                weighted = sum(n * torch.tensor(c, dtype=torch.float64) for n, c in entries) / total
+                self._first_shifts[i] = weighted.to(dtype)
         self._agreed = True
 
     def _resolve_dims(self, ex: Exchange) -> None:
@@ -536,15 +637,23 @@ class ActivityRegularizer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """EMA state (identical on every rank): ``{"version", "sync", "decay", "step", "ema"}``.
+        """State (identical on every rank): ``{"version", "sync", "decay", "step", "ema", "shift"}``.
 
         ``ema`` maps slot name -> penalty label -> statistic -> tensor of *global* sums, so it
-        does not depend on the world size.
+        does not depend on the world size; ``shift`` maps slot name -> the shift around which its
+        centred statistics are taken (see :mod:`actreg.centering`).
         """
         ema: dict[str, dict[str, dict[str, Tensor]]] = {}
         for (slot, label, stat), t in self._ema.items():
             ema.setdefault(slot, {}).setdefault(label, {})[stat] = t.detach().clone()
-        return {"version": 1, "sync": self.sync, "decay": self.decay, "step": self._step, "ema": ema}
+        return {
+            "version": 1,
+            "sync": self.sync,
+            "decay": self.decay,
+            "step": self._step,
+            "ema": ema,
+            "shift": {slot: t.detach().clone() for slot, t in self._shifts.items()},
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (saved at any world size)."""
@@ -563,6 +672,7 @@ class ActivityRegularizer:
                     ema[(slot, label, stat)] = t.detach().clone()
         self._ema = ema
         self._step = int(state_dict["step"])
+        self._shifts = {slot: t.detach().clone() for slot, t in state_dict.get("shift", {}).items()}
 
     # ------------------------------------------------------------------ lifetime
     def remove(self) -> None:

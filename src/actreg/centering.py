@@ -1,0 +1,53 @@
+"""Accumulating second moments around a shift, so that ``E[x^2] - E[x]^2`` does not cancel.
+
+Shift-invariant penalties (variances, covariances) declare in ``Penalty.centered`` which of their
+statistics are first moments (``"first"``: ``sum_i x_i``), per-unit second moments (``"square"``:
+``sum_i x_i^2``) or Gram matrices (``"outer"``: ``sum_i x_i x_i^T``). The regularizer then feeds
+them ``x - c`` instead of ``x``, where the shift ``c`` of a layer is the global mean of its previous
+step (identical on every rank, so shard sums still add up). The values are unchanged, but float32
+sums keep their precision when ``|mean| >> std``. A moving average accumulated around an old shift
+is moved to the new one exactly (with ``delta = c_new - c_old``):
+
+    sum' = sum - n delta
+    sq'  = sq - 2 delta * sum + n delta^2
+    G'   = G - delta sum^T - sum delta^T + n delta delta^T
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+KINDS = ("first", "square", "outer")
+
+
+def check_centered(name: str, centered: Mapping[str, str], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Validate a penalty's ``centered`` declaration against its statistic shapes."""
+    if not centered:
+        return
+    bad = {k: v for k, v in centered.items() if v not in KINDS or k not in shapes}
+    firsts = [k for k, v in centered.items() if v == "first"]
+    if bad or len(firsts) != 1 or "count" not in shapes:
+        raise ValueError(
+            f"{name}.centered must map statistic names to one of {KINDS}, with exactly one 'first' "
+            f"statistic and a 'count' statistic; got {dict(centered)}"
+        )
+
+
+def recenter(stats: Mapping[str, Tensor], centered: Mapping[str, str], delta: Tensor) -> dict[str, Tensor]:
+    """The statistics ``stats`` (taken around ``c``) taken around ``c + delta`` instead."""
+    out = dict(stats)
+    n = stats["count"]
+    first = next(k for k, v in centered.items() if v == "first")
+    s1 = stats[first]
+    for key, kind in centered.items():
+        if kind == "first":
+            out[key] = s1 - n * delta
+        elif kind == "square":
+            out[key] = stats[key] - 2 * delta * s1 + n * delta * delta
+        else:
+            cross = torch.outer(delta, s1)
+            out[key] = stats[key] - cross - cross.T + n * torch.outer(delta, delta)
+    return out
