@@ -242,3 +242,30 @@ def custom_penalty(rank: int, world_size: int) -> dict[str, Any]:
     loss = reg.loss()
     (loss + 0.0 * y.sum()).backward()
     return {"loss": loss.item(), "grads": _grads(model)}
+
+
+def large_mean(rank: int, world_size: int, sync: str) -> list[dict[str, float]]:
+    """float32 activations with mean 300 and std 0.3 on uneven shards: centred moments."""
+    reg = actreg.ActivityRegularizer(
+        nn.Identity(),
+        {"h": [actreg.VarianceFloor(1.0), actreg.Covariance(1.0), actreg.DeCov(1.0)]},
+        observed=["h"],
+        sync=sync,
+        decay=0.5,
+    )
+    sizes = {1: [512], 2: [400, 112], 3: [300, 0, 212]}[world_size]
+    start = sum(sizes[:rank])
+    out = []
+    for step in range(3):
+        x = large_mean_batch(step)
+        reg.observe("h", x[start : start + sizes[rank]].float())
+        reg.loss()
+        out.append(reg.metrics())
+    return out
+
+
+def large_mean_batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(50 + step)
+    x = 300.0 + 0.3 * torch.randn(512, 4, generator=g, dtype=torch.float64)
+    x[:, 1] += 0.2 * x[:, 0]
+    return x

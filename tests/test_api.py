@@ -288,7 +288,8 @@ def test_second_moments_stay_accurate_when_mean_dominates(sync):
         xd = x.float().double()  # the float32 values, in float64
         s = {"n": torch.tensor(512.0, dtype=torch.float64), "s": xd.sum(0), "o": xd.T @ xd}
         if sync == "ema":
-            ema = {k: 0.5 * v for k, v in s.items()} if ema is None else {k: 0.5 * ema[k] + 0.5 * s[k] for k in s}
+            previous = ema if ema is not None else {k: 0.0 * v for k, v in s.items()}
+            ema = {k: 0.5 * previous[k] + 0.5 * s[k] for k in s}
             s = ema
         nb = 512.0
         mu = s["s"] / s["n"]
