@@ -148,6 +148,7 @@ def test_global_batches_partition_each_epoch_deterministically() -> None:
 
 
 def test_digits_split() -> None:
+    pytest.importorskip("sklearn")
     d = load_digits_split(seed=0, test_fraction=0.2)
     assert d.x_train.shape == (1437, 64) and d.x_test.shape == (360, 64)
     assert d.y_train.dtype == torch.int64 and set(d.y_test.tolist()) == set(range(10))
