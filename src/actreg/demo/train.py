@@ -191,18 +191,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Loss, accuracy and per-layer activity on ``x`` (sharded over ranks, one all_reduce)."""
     lo, hi = shard_bounds(x.shape[0], ctx.world_size, ctx.rank)
-    modules = dict(model.named_modules())
-    captured: dict[str, Tensor] = {}
-    handles = [
-        modules[name].register_forward_hook(lambda _m, _i, out, name=name: captured.__setitem__(name, out))
-        for name in layers
-    ]
-    try:
-        with torch.no_grad():
-            logits = model(x[lo:hi])
-    finally:
-        for h in handles:
-            h.remove()
+    logits, captured = _forward_capturing(model, x[lo:hi], layers)
     parts = [
         F.cross_entropy(logits, y[lo:hi], reduction="sum").reshape(1),
         (logits.argmax(-1) == y[lo:hi]).sum().reshape(1),
@@ -231,8 +220,10 @@ def _evaluate(
     return out
 
 
-def layer_activations(model: nn.Module, x: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
-    """The outputs of ``layers`` on ``x`` (no grad, on CPU), for histograms."""
+def _forward_capturing(
+    model: nn.Module, x: Tensor, layers: Sequence[str]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``model(x)`` without autograd, and the outputs of the modules named in ``layers``."""
     modules = dict(model.named_modules())
     captured: dict[str, Tensor] = {}
     handles = [
@@ -241,10 +232,16 @@ def layer_activations(model: nn.Module, x: Tensor, layers: Sequence[str]) -> dic
     ]
     try:
         with torch.no_grad():
-            model(x)
+            out = model(x)
     finally:
         for h in handles:
             h.remove()
+    return out, captured
+
+
+def layer_activations(model: nn.Module, x: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+    """The outputs of ``layers`` on ``x`` (no grad, on CPU), for histograms."""
+    _, captured = _forward_capturing(model, x, layers)
     return {name: captured[name].detach().float().cpu() for name in layers}
 
 
