@@ -303,3 +303,54 @@ def test_second_moments_stay_accurate_when_mean_dominates(sync):
         }
         for key, value in expected.items():
             assert got[key] == pytest.approx(value, rel=2e-3), (step, key, got[key], value)
+
+
+def test_activation_checkpointing_records_once_with_exact_gradients():
+    """Non-reentrant checkpointing recomputes the forward in backward: nothing is recorded twice."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 2)).double()
+    penalties = {"0.1": [actreg.VarianceFloor(1.0, gamma=2.0), actreg.L1(0.3)]}
+    reg = actreg.ActivityRegularizer(model, penalties, sync="ema", decay=0.5)
+    xs = [torch.randn(5, 4, dtype=torch.float64) for _ in range(3)]
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    ema = None
+    for x in xs:
+        h = checkpoint(model[0], x, use_reentrant=False)
+        loss = reg.loss() + 0.0 * model[1](h).sum()
+        model.zero_grad()
+        loss.backward()
+        assert reg.metrics()["0.1/count"] == 5  # not 10: the recomputation recorded nothing
+        # reference: EMA of plain sums, written out
+        r = torch.tanh(x @ params[0].T + params[1])
+        s = {
+            "n": torch.tensor(5.0, dtype=torch.float64),
+            "s": r.sum(0),
+            "q": r.pow(2).sum(0),
+            "a": r.abs().sum(),
+        }
+        ema = (
+            {k: 0.5 * v for k, v in s.items()}
+            if ema is None
+            else {k: 0.5 * ema[k].detach() + 0.5 * s[k] for k in s}
+        )
+        nb = 5.0
+        var = (ema["q"] / ema["n"] - (ema["s"] / ema["n"]) ** 2) * nb / (nb - 1)
+        ref = torch.relu(2.0 - torch.sqrt(var + 1e-4)).mean() + 0.3 * ema["a"] / ema["n"]
+        grads = torch.autograd.grad(ref, params[:2])
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-10)
+        torch.testing.assert_close(model[0][0].weight.grad, grads[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(model[0][0].bias.grad, grads[1], rtol=1e-9, atol=1e-12)
+
+
+def test_reentrant_checkpointing_is_reported_not_silent():
+    from torch.utils.checkpoint import checkpoint
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), nn.Linear(6, 2))
+    reg = actreg.ActivityRegularizer(model, {"0.1": actreg.L1(1.0)})
+    x = torch.randn(5, 4, requires_grad=True)
+    h = checkpoint(model[0], x, use_reentrant=True)
+    loss = reg.loss() + model[1](h).sum()
+    with pytest.warns(RuntimeWarning, match="use_reentrant=False"):
+        loss.backward()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -147,6 +148,9 @@ class ActivityRegularizer:
         self._shifts: dict[str, Tensor] = {}  # slot -> global shift of its centred statistics
         self._record_shifts: dict[int, Tensor] = {}  # slot index -> shift of this step's pending sums
         self._first_shifts: dict[int, Tensor] = {}  # shifts agreed by the first loss()
+        self._step_shifts: dict[int, Tensor] = {}  # record shifts of the last loss()'s step
+        self._step_recorded: set[int] = set()  # slots recorded in the last loss()'s step
+        self._warned: set[int] = set()
         self._step = 0
         self._last: tuple[Tensor, Tensor, Tensor] | None = None  # (S, penalty values, total)
 
@@ -248,48 +252,22 @@ class ActivityRegularizer:
         self._errors.append(f"{self.layout.slots[index].name!r}: {message}")
 
     def _record(self, index: int, x: Tensor, mask: Tensor | None) -> None:
-        slot = self.layout.slots[index]
+        if _in_backward():
+            # Activation checkpointing recomputes the forward during backward: run the same
+            # operations (around the same shift) so that the checkpoint can recompute the tensors
+            # they saved, but record nothing -- the step's statistics were taken in the forward.
+            if index not in self._step_recorded:
+                self._warn_unrecorded(index)
+            self._statistics(index, x, mask, self._step_shifts.get(index))
+            return
         try:
-            if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
-                raise ValueError(f"expected a floating tensor [..., features], got {_describe(x)}")
-            d = x.shape[-1]
-            known = slot.dim if slot.dim is not None else self._seen_dim.get(index)
-            if known is not None and d != known:
-                raise ValueError(f"activation has {d} features, earlier ones had {known}")
-            for p in slot.penalties:
-                p.check_features(d)
-            acc = torch.promote_types(x.dtype, torch.float32)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                xa = x.to(acc)
-                keep = position_mask(xa, mask)
-                rows = positions(xa, keep)
-                record: Record = {ACTIVITY: activity_statistics(rows, self.activity_threshold)}
-                shift = self._recording_shift(index, rows)
-                centered_rows = None
-                for label, p in zip(slot.labels, slot.penalties, strict=True):
-                    if p.centered and shift is not None:
-                        shift = shift.to(device=xa.device, dtype=xa.dtype)
-                        if type(p).record is not Penalty.record:
-                            stats = p.record(xa - shift, keep)
-                        else:
-                            if centered_rows is None:
-                                centered_rows = rows - shift
-                            stats = p.statistics(centered_rows)
-                    elif type(p).record is Penalty.record:
-                        stats = p.statistics(rows)
-                    else:
-                        stats = p.record(xa, keep)
-                    expected = p.statistic_shapes(d)
-                    if set(stats) != set(expected):
-                        raise ValueError(
-                            f"{p!r}.statistics() returned {sorted(stats)}, statistic_shapes() "
-                            f"declares {sorted(expected)}"
-                        )
-                    record[label] = stats
+            self._check(index, x)
+            rows_shift = self._recording_shift(index, x, mask)
+            record = self._statistics(index, x, mask, rows_shift)
         except Exception as err:
             self._fail(index, f"{type(err).__name__}: {err}")
             return
-        self._seen_dim[index] = d
+        self._seen_dim[index] = x.shape[-1]
         if self._device is None:
             self._device = x.device
         if index in self._pending:
@@ -298,7 +276,64 @@ class ActivityRegularizer:
         else:
             self._pending[index] = record
 
-    def _recording_shift(self, index: int, rows: Tensor) -> Tensor | None:
+    def _warn_unrecorded(self, index: int) -> None:
+        if index in self._warned:
+            return
+        self._warned.add(index)
+        warnings.warn(
+            f"actreg: {self.layout.slots[index].name!r} ran during backward but was not recorded in "
+            "the forward: it is probably inside torch.utils.checkpoint(..., use_reentrant=True), "
+            "whose forward runs without autograd, so its penalty is missing. Use "
+            "use_reentrant=False (supported), or reg.observe() its output outside the checkpoint.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _check(self, index: int, x: Tensor) -> None:
+        slot = self.layout.slots[index]
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+            raise ValueError(f"expected a floating tensor [..., features], got {_describe(x)}")
+        d = x.shape[-1]
+        known = slot.dim if slot.dim is not None else self._seen_dim.get(index)
+        if known is not None and d != known:
+            raise ValueError(f"activation has {d} features, earlier ones had {known}")
+        for p in slot.penalties:
+            p.check_features(d)
+
+    def _statistics(self, index: int, x: Tensor, mask: Tensor | None, shift: Tensor | None) -> Record:
+        """Activity and penalty statistics of one activation (centred penalties around ``shift``)."""
+        slot = self.layout.slots[index]
+        d = x.shape[-1]
+        acc = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xa = x.to(acc)
+            keep = position_mask(xa, mask)
+            rows = positions(xa, keep)
+            record: Record = {ACTIVITY: activity_statistics(rows, self.activity_threshold)}
+            if shift is not None:
+                shift = shift.to(device=xa.device, dtype=xa.dtype)
+            centered_rows = None
+            for label, p in zip(slot.labels, slot.penalties, strict=True):
+                custom = type(p).record is not Penalty.record
+                if p.centered and shift is not None:
+                    if custom:
+                        stats = p.record(xa - shift, keep)
+                    else:
+                        if centered_rows is None:
+                            centered_rows = rows - shift
+                        stats = p.statistics(centered_rows)
+                else:
+                    stats = p.record(xa, keep) if custom else p.statistics(rows)
+                expected = p.statistic_shapes(d)
+                if set(stats) != set(expected):
+                    raise ValueError(
+                        f"{p!r}.statistics() returned {sorted(stats)}, statistic_shapes() "
+                        f"declares {sorted(expected)}"
+                    )
+                record[label] = stats
+        return record
+
+    def _recording_shift(self, index: int, x: Tensor, mask: Tensor | None) -> Tensor | None:
         """Shift of the centred statistics recorded for slot ``index`` in this step.
 
         The global shift when there is one; before that (a slot's first step), the mean of the
@@ -310,8 +345,11 @@ class ActivityRegularizer:
         shift = self._record_shifts.get(index)
         if shift is None:
             shift = self._shifts.get(slot.name)
-            if shift is None and rows.shape[0] > 0:
-                shift = rows.detach().mean(0)
+            if shift is None:
+                with torch.no_grad():
+                    rows = positions(x.detach().to(torch.promote_types(x.dtype, torch.float32)), mask)
+                    if rows.shape[0] > 0:
+                        shift = rows.mean(0)
             if shift is not None:
                 self._record_shifts[index] = shift
         return shift
@@ -324,6 +362,8 @@ class ActivityRegularizer:
         """
         used: dict[str, Tensor] = {}
         record_shifts, self._record_shifts = self._record_shifts, {}
+        self._step_shifts = record_shifts  # for a checkpoint's recomputation in this backward
+        self._step_recorded = set(pending)
         for index, slot in enumerate(self.layout.slots):
             if slot.dim is None or not any(p.centered for p in slot.penalties):
                 continue
@@ -691,6 +731,12 @@ class ActivityRegularizer:
     def __repr__(self) -> str:
         slots = ", ".join(f"{s.name}: {list(s.penalties)}" for s in self.layout.slots)
         return f"ActivityRegularizer(sync={self.sync!r}, slots={{{slots}}})"
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running (e.g. a checkpoint recomputing its forward)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 def _describe(x: object) -> str:
