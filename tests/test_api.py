@@ -354,3 +354,25 @@ def test_reentrant_checkpointing_is_reported_not_silent():
     loss = reg.loss() + model[1](h).sum()
     with pytest.warns(RuntimeWarning, match="use_reentrant=False"):
         loss.backward()
+
+
+def test_torch_compile_still_records_every_call():
+    """Hooks on submodules of a torch.compile'd model still record (dynamo traces them)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    x = torch.randn(5, 4)
+    grads, values = [], []
+    for compiled in (False, True):
+        reg = actreg.ActivityRegularizer(model, {"1": [actreg.VarianceFloor(1.0, gamma=2.0), actreg.L1(0.3)]})
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        for _ in range(2):
+            model.zero_grad()
+            out = run(x)
+            (reg.loss() + out.sum()).backward()
+            assert reg.metrics()["1/count"] == 5
+        values.append(reg.metrics()["total"])
+        grads.append([p.grad.clone() for p in model.parameters()])
+        reg.remove()
+    assert values[1] == pytest.approx(values[0], rel=1e-6) and values[0] > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
