@@ -376,3 +376,15 @@ def test_torch_compile_still_records_every_call():
     assert values[1] == pytest.approx(values[0], rel=1e-6) and values[0] > 0
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_activity_threshold():
+    model = TwoBranch()
+    reg = actreg.ActivityRegularizer(model, {"encoder.0": actreg.L1(0.0)}, activity_threshold=0.5)
+    x = torch.randn(64, 5)
+    model(x)
+    reg.loss()
+    h = model.encoder[0](x).detach()
+    m = reg.metrics()
+    assert m["encoder.0/active_fraction"] == pytest.approx((h.abs() > 0.5).float().mean().item(), rel=1e-6)
+    assert m["encoder.0/dead_units"] == float(((h.abs() > 0.5).sum(0) == 0).sum())
