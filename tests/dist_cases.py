@@ -269,3 +269,32 @@ def large_mean_batch(step: int) -> torch.Tensor:
     x = 300.0 + 0.3 * torch.randn(512, 4, generator=g, dtype=torch.float64)
     x[:, 1] += 0.2 * x[:, 0]
     return x
+
+
+def fsdp2(rank: int, world_size: int, names: list[str]) -> dict[str, Any] | str:
+    """The penalty as the only loss under FSDP2 (``fully_shard``): full gradients per penalty."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        return "no fully_shard in this torch"
+    import warnings
+
+    start, stop = shard_bounds(rank, world_size)
+    x, mask = batch(0)
+    out = {}
+    for name in names:
+        model = make_model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "returned a view tensor": we do no in-place ops on it
+            fully_shard(model)
+            reg = actreg.ActivityRegularizer(model, {CASES[name][1]: make_penalty(name)})
+            with reg.mask(mask[start:stop]):
+                y = model(x[start:stop])
+            loss = reg.loss()
+            (loss + 0.0 * y.sum()).backward()
+        out[name] = {
+            "loss": loss.item(),
+            "grads": [p.grad.full_tensor().numpy().copy() for p in model.parameters()],
+        }
+        reg.remove()
+    return out

@@ -72,3 +72,17 @@ def test_loss_and_metrics_identical_on_every_rank(trained, sync):
             first = ranks[0][name]["metrics"][step]
             for other in ranks[1:]:
                 assert other[name]["metrics"][step] == first, (name, step)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fsdp2_gradients_match_reference(pools, world_size):
+    names = ["VarianceFloor", "Covariance", "KLSparsity", "LoadBalance"]
+    results = pools[world_size].run(dist_cases.fsdp2, names)
+    if isinstance(results[0], str):
+        pytest.skip(results[0])
+    for name in names:
+        ref = _reference(name, "global", world_size)
+        for rank, result in enumerate(results):
+            assert result[name]["loss"] == pytest.approx(ref["loss"][0], rel=RTOL)
+            for g, r in zip(result[name]["grads"], ref["grads"][0], strict=True):
+                np.testing.assert_allclose(g, r, rtol=RTOL, atol=ATOL, err_msg=f"{name} FSDP2 rank {rank}")
