@@ -47,6 +47,7 @@ class Exchange:
             self.global_rank = dist.get_rank()
         else:
             self.world_size, self.rank, self.global_rank = 1, 0, 0
+        self._device = self._backend_device()
 
     @property
     def who(self) -> str:
@@ -77,6 +78,9 @@ class Exchange:
 
     def device(self) -> torch.device | None:
         """The device the backend needs tensors on (CUDA for NCCL), or None for 'any'."""
+        return self._device
+
+    def _backend_device(self) -> torch.device | None:
         if not self.distributed:
             return None
         backend = str(dist.get_backend(self.group)).lower()
