@@ -7,6 +7,7 @@ this step contributes zeros, so every rank always sends a buffer of the same siz
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from .activity import activity_shapes
 from .penalties import Penalty
 
 ACTIVITY = "activity"  #: label of the activity block of a slot (not a penalty)
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 @dataclass
@@ -30,7 +32,8 @@ class Slot:
     dim: int | None = None  #: feature size, agreed by all ranks (None until known)
 
     def describe(self) -> tuple[str, bool, tuple[str, ...]]:
-        return (self.name, self.from_module, tuple(repr(p) for p in self.penalties))
+        # memory addresses (a function stored in a custom penalty) differ between processes
+        return (self.name, self.from_module, tuple(_ADDRESS.sub("", repr(p)) for p in self.penalties))
 
 
 def unique_labels(penalties: Sequence[Penalty]) -> tuple[str, ...]:
