@@ -8,7 +8,7 @@ this step contributes zeros, so every rank always sends a buffer of the same siz
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +30,11 @@ class Slot:
     labels: tuple[str, ...]  #: metric label of each penalty, unique within the slot
     from_module: bool
     dim: int | None = None  #: feature size, agreed by all ranks (None until known)
+
+    @property
+    def centered(self) -> bool:
+        """Whether any penalty of the slot takes its moments around a shift."""
+        return any(p.centered for p in self.penalties)
 
     def describe(self) -> tuple[str, bool, tuple[str, ...]]:
         # memory addresses (a function stored in a custom penalty) differ between processes
@@ -117,11 +122,15 @@ class Layout:
             return torch.zeros(0, dtype=dtype, device=device)
         return torch.cat(pieces)
 
+    def views(self, buffer: Tensor) -> Iterator[tuple[Field, Tensor]]:
+        """Each field with its view into ``buffer``."""
+        for f in self.fields:
+            yield f, buffer[f.offset : f.offset + f.numel].view(f.shape)
+
     def unpack(self, buffer: Tensor) -> dict[tuple[int, str], dict[str, Tensor]]:
         """Views into ``buffer``: ``{(slot index, label): {stat: tensor}}``."""
         out: dict[tuple[int, str], dict[str, Tensor]] = {}
-        for f in self.fields:
-            view = buffer[f.offset : f.offset + f.numel].view(f.shape)
+        for f, view in self.views(buffer):
             out.setdefault((f.slot, f.label), {})[f.stat] = view
         return out
 

@@ -340,7 +340,7 @@ class ActivityRegularizer:
         first rows this rank records -- loss() moves those sums to a shift common to all ranks.
         """
         slot = self.layout.slots[index]
-        if not any(p.centered for p in slot.penalties):
+        if not slot.centered:
             return None
         shift = self._record_shifts.get(index)
         if shift is None:
@@ -363,9 +363,8 @@ class ActivityRegularizer:
         used: dict[str, Tensor] = {}
         record_shifts, self._record_shifts = self._record_shifts, {}
         self._step_shifts = record_shifts  # for a checkpoint's recomputation in this backward
-        self._step_recorded = set(pending)
         for index, slot in enumerate(self.layout.slots):
-            if slot.dim is None or not any(p.centered for p in slot.penalties):
+            if slot.dim is None or not slot.centered:
                 continue
             recorded = record_shifts.get(index)
             target = self._shifts.get(slot.name, self._first_shifts.get(index))
@@ -407,6 +406,7 @@ class ActivityRegularizer:
         device = self._buffer_device(ex)
         pending, errors = self._pending, self._errors
         self._pending, self._errors = {}, []
+        self._step_recorded = set(pending)  # a checkpoint's recomputation records none of these
         shifts_used = self._common_shifts(pending, communicate)
 
         local = self.layout.pack(
@@ -449,7 +449,7 @@ class ActivityRegularizer:
             self._step += 1
             self._ema = {
                 (self.layout.slots[f.slot].name, f.label, f.stat): view.detach().clone()
-                for f, view in self._field_views(stats)
+                for f, view in self.layout.views(stats)
                 if f.label != ACTIVITY
             }
         self._update_shifts(reduced, shifts_used)
@@ -495,10 +495,6 @@ class ActivityRegularizer:
                     continue
                 moved = recenter({k[2]: self._ema[k] for k in keys}, p.centered, delta)
                 self._ema.update({(slot.name, label, stat): t for stat, t in moved.items()})
-
-    def _field_views(self, buffer: Tensor) -> Iterator[tuple[Field, Tensor]]:
-        for f in self.layout.fields:
-            yield f, buffer[f.offset : f.offset + f.numel].view(f.shape)
 
     def _ema_lookup(self, f: Field) -> Tensor | None:
         if f.label == ACTIVITY:
@@ -632,7 +628,7 @@ class ActivityRegularizer:
         bad = sorted(
             {
                 self.layout.slots[f.slot].name
-                for f, v in self._field_views(reduced)
+                for f, v in self.layout.views(reduced)
                 if not torch.isfinite(v).all()
             }
         )
