@@ -187,3 +187,36 @@ def _cumsum(xs: list[int]) -> list[int]:
         total += v
         out.append(total)
     return out
+
+
+def moment_penalties(batches: list[Tensor], sync: str, decay: float = 0.5) -> list[dict[str, float]]:
+    """Per step, ``VarianceFloor(1.0)``, ``Covariance(1.0)`` and ``DeCov(1.0)`` of slot ``"h"``.
+
+    Computed in float64 from plain sums (an EMA of them in ``ema`` mode); every batch has the same
+    number of rows, which is then also the Bessel sample size.
+    """
+    out, ema = [], None
+    for x in batches:
+        s = {"n": torch.tensor(float(x.shape[0]), dtype=torch.float64), "s": x.sum(0), "o": x.T @ x}
+        if sync == "ema":
+            previous = ema if ema is not None else {k: 0.0 * v for k, v in s.items()}
+            ema = {k: decay * previous[k] + (1 - decay) * s[k] for k in s}
+            s = ema
+        nb = float(x.shape[0])
+        mu = s["s"] / s["n"]
+        biased = s["o"] / s["n"] - torch.outer(mu, mu)
+        unbiased = biased * nb / (nb - 1)
+
+        def off(c: Tensor) -> float:
+            return (c.pow(2).sum() - torch.diagonal(c).pow(2).sum()).item()
+
+        out.append(
+            {
+                "h/VarianceFloor": torch.relu(1.0 - torch.sqrt(torch.diagonal(unbiased) + 1e-4))
+                .mean()
+                .item(),
+                "h/Covariance": off(unbiased) / x.shape[1],
+                "h/DeCov": 0.5 * off(biased),
+            }
+        )
+    return out
