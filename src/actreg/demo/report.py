@@ -142,6 +142,27 @@ def plot_losses(history: Sequence[Mapping[str, Any]], path: Path, title: str = "
     _finish(fig, path)
 
 
+#: rows of the activity figure: (metric, scale, train label, test label, title, y label)
+_ACTIVITY_PANELS = (
+    (
+        "active_fraction",
+        100,
+        "train, global batch (per step)",
+        "test set (per epoch)",
+        "active fraction",
+        "active units x positions (%)",
+    ),
+    (
+        "dead_units",
+        1,
+        "never active in the global batch",
+        "never active on the test set",
+        "dead units",
+        "units",
+    ),
+)
+
+
 def plot_activity(history: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> None:
     """Per-layer panels: active fraction, dead units, per-rank disagreement over training."""
     plt = pyplot()
@@ -151,39 +172,13 @@ def plot_activity(history: Sequence[Mapping[str, Any]], path: Path, title: str =
     ex = [e["epoch"] for e in epochs]
     fig, axes = plt.subplots(3, len(layers), figsize=(5.2 * len(layers), 10), squeeze=False)
     for col, layer in enumerate(layers):
-        ax = axes[0][col]
-        ax.plot(
-            xs,
-            [100 * s["global"][f"{layer}/active_fraction"] for s in steps],
-            alpha=0.6,
-            label="train, global batch (per step)",
-        )
-        ax.plot(
-            ex,
-            [100 * e["test_activity"][layer]["active_fraction"] for e in epochs],
-            "s-",
-            label="test set (per epoch)",
-        )
-        ax.set(title=f"{layer}: active fraction", xlabel="epoch", ylabel="active units x positions (%)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-
-        ax = axes[1][col]
-        ax.plot(
-            xs,
-            [s["global"][f"{layer}/dead_units"] for s in steps],
-            alpha=0.6,
-            label="never active in the global batch",
-        )
-        ax.plot(
-            ex,
-            [e["test_activity"][layer]["dead_units"] for e in epochs],
-            "s-",
-            label="never active on the test set",
-        )
-        ax.set(title=f"{layer}: dead units", xlabel="epoch", ylabel="units")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        for row, (key, scale, train_label, test_label, name, ylabel) in enumerate(_ACTIVITY_PANELS):
+            ax = axes[row][col]
+            ax.plot(xs, [scale * s["global"][f"{layer}/{key}"] for s in steps], alpha=0.6, label=train_label)
+            ax.plot(ex, [scale * e["test_activity"][layer][key] for e in epochs], "s-", label=test_label)
+            ax.set(title=f"{layer}: {name}", xlabel="epoch", ylabel=ylabel)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
 
         ax = axes[2][col]
         keys = [k for k in (steps[0]["disagreement"] if steps else {}) if k.startswith(f"{layer}/")]
