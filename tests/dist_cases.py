@@ -143,10 +143,11 @@ def recording_error(rank: int, world_size: int) -> str:
     bad = mask if rank != 1 else mask[:, :2]
     with reg.mask(bad):
         model(x)
+    value = reg.loss().item()  # decided on the device: zero on every rank, raised by the next call
     try:
-        reg.loss()
+        reg.check()
     except actreg.RecordingError as err:
-        return str(err)
+        return f"value {value}: {err}"
     return "no error"
 
 
@@ -159,11 +160,15 @@ def nonfinite(rank: int, world_size: int, policy: str) -> str:
         with torch.no_grad():
             model[0].bias[0] = float("nan")
     model(x)
+    loss = reg.loss()
+    loss.backward()
+    # rank 1's activations are finite: its gradient from the skipped penalty must be exactly zero
+    grads_finite = all(bool((p.grad == 0).all()) for p in model[0].parameters())
     try:
-        loss = reg.loss()
+        reg.check()
     except actreg.NonFiniteStatisticError as err:
         return f"raised: {err}"
-    return f"value: {loss.item()}"
+    return f"value: {loss.item()} skipped: {reg.metrics()['skipped_steps']} finite: {grads_finite}"
 
 
 def _average_gradients(model: nn.Module, world_size: int, group: Any = None) -> None:

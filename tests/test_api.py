@@ -125,18 +125,24 @@ def test_nothing_recorded_without_autograd():
     assert reg.loss().item() == 0.0
 
 
-def test_recording_errors_surface_at_loss():
+def test_recording_errors_surface_at_the_next_call():
+    """The step that failed gives a zero penalty (decided on the device); the next call raises."""
     model = TwoBranch()
     reg = actreg.ActivityRegularizer(model, {"head": actreg.LoadBalance(num_experts=4, top_k=1, weight=1.0)})
     model(torch.randn(4, 5))
-    with pytest.raises(actreg.RecordingError, match=r"'head'.*num_experts=4.*3 features"):
+    assert reg.loss().item() == 0.0
+    with pytest.raises(actreg.RecordingError, match=r"step 1: 'head'.*num_experts=4.*3 features"):
         reg.loss()
     reg2 = actreg.ActivityRegularizer(model, {"head": actreg.L1(1.0)}, observed=[])
     model(torch.randn(4, 5))
     reg2.loss()
     reg2.observe("head", torch.randn(4, 7))
-    with pytest.raises(actreg.RecordingError, match="7 features, earlier ones had 3"):
-        reg2.loss()
+    for call in (reg2.metrics, reg2.state_dict, reg2.check, reg2.loss):
+        model(torch.randn(4, 5))
+        reg2.observe("head", torch.randn(4, 7))
+        assert reg2.loss().item() == 0.0
+        with pytest.raises(actreg.RecordingError, match="7 features, earlier ones had 3"):
+            call()
 
 
 def test_tuple_output_records_first_element_and_other_outputs_error():
@@ -152,8 +158,9 @@ def test_tuple_output_records_first_element_and_other_outputs_error():
 
     reg = actreg.ActivityRegularizer(nn.Sequential(DictOut()), {"0": actreg.L1(1.0)})
     reg._root(torch.randn(2, 3))  # the unwrapped model
+    assert reg.loss().item() == 0.0
     with pytest.raises(actreg.RecordingError, match=r"dict, not a tensor.*observe"):
-        reg.loss()
+        reg.check()
 
 
 def test_metrics_activity_figures():

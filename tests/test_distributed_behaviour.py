@@ -50,19 +50,25 @@ def test_layout_mismatch_raises_on_every_rank(pools, kind, words):
 
 def test_recording_error_on_one_rank_raises_everywhere(pools):
     results = pools[2].run(dist_cases.recording_error, timeout=60)
-    assert "does not broadcast" in results[1] and "rank 1" in results[1]
-    assert "recording failed on rank 1" in results[0]
+    assert all(r.startswith("value 0.0: ") for r in results), results  # the failed step's penalty
+    assert "does not broadcast" in results[1] and "rank 1" in results[1] and "step 1" in results[1]
+    assert "recording failed on rank 1 ('1') in step 1" in results[0]
     # the pool is still usable afterwards (nobody hangs in a collective)
-    assert pools[2].run(dist_cases.recording_error, timeout=60)[0].startswith("[actreg, rank 0]")
+    assert "[actreg, rank 0]" in pools[2].run(dist_cases.recording_error, timeout=60)[0]
 
 
 def test_nonfinite_raises_on_every_rank(pools):
     for message in pools[2].run(dist_cases.nonfinite, "raise", timeout=60):
         assert message.startswith("raised:") and "'1'" in message and "nonfinite='skip'" in message
+        assert "step 1" in message
 
 
 def test_nonfinite_skip_gives_zero_on_every_rank(pools):
-    assert pools[2].run(dist_cases.nonfinite, "skip", timeout=60) == ["value: 0.0", "value: 0.0"]
+    """The step's penalty is 0 on every rank; rank 1 (finite activations, NaN statistics only through
+    rank 0's) gets exactly zero gradient -- no NaN flows back through the skipped penalty."""
+    results = pools[2].run(dist_cases.nonfinite, "skip", timeout=60)
+    assert results[1] == "value: 0.0 skipped: 1.0 finite: True"
+    assert results[0].startswith("value: 0.0 skipped: 1.0")
 
 
 # ------------------------------------------------------------------ edge cases

@@ -15,10 +15,14 @@ is moved to the new one exactly (with ``delta = c_new - c_old``):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .layout import Layout, Where
 
 KINDS = ("first", "square", "outer")
 
@@ -51,3 +55,53 @@ def recenter(stats: Mapping[str, Tensor], centered: Mapping[str, str], delta: Te
             cross = torch.outer(delta, s1)
             out[key] = stats[key] - cross - cross.T + n * torch.outer(delta, delta)
     return out
+
+
+def recenter_block(block: Tensor, layout: Layout, index: int, delta: Tensor) -> Tensor:
+    """Slot ``index``'s block (statistics around ``c``) taken around ``c + delta`` instead.
+
+    Moves the fused centred primitives and the centred statistics of penalties that record their
+    own; everything else is unchanged. Differentiable (a linear map of ``block``).
+    """
+    spec = layout.specs[index]
+    assert spec is not None
+    base = layout.offsets[index]
+
+    def local(where: Where) -> tuple[int, int]:
+        return where.offset - base, where.numel
+
+    pieces = dict(_views(block, layout.activity(index), base))
+    moved: dict[int, Tensor] = {}
+    n = pieces["count"]
+    if "csum" in pieces:
+        stats = {k: pieces[k] for k in ("csum", "csq", "couter") if k in pieces}
+        kinds = {"csum": "first", "csq": "square", "couter": "outer"}
+        out = recenter({**stats, "count": n}, {k: kinds[k] for k in stats}, delta)
+        for name in stats:
+            moved[layout.activity(index)[name].offset - base] = out[name]
+    slot = layout.slots[index]
+    for label, p in slot.own_records():
+        if not p.centered:
+            continue
+        places = layout.where(index, label)
+        stats = {k: block.narrow(0, *local(w)).view(w.shape) for k, w in places.items()}
+        out = recenter(stats, p.centered, delta)
+        for k in p.centered:
+            moved[places[k].offset - base] = out[k]
+    if not moved:
+        return block
+    pieces_out, at = [], 0
+    for start in sorted(moved):
+        t = moved[start].reshape(-1)
+        if start > at:
+            pieces_out.append(block.narrow(0, at, start - at))
+        pieces_out.append(t)
+        at = start + t.numel()
+    if at < block.numel():
+        pieces_out.append(block.narrow(0, at, block.numel() - at))
+    return torch.cat(pieces_out)
+
+
+def _views(block: Tensor, places: Mapping[str, Where], base: int) -> Iterator[tuple[str, Tensor]]:
+    for name, w in places.items():
+        yield name, block.narrow(0, w.offset - base, w.numel).view(w.shape)

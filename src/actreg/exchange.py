@@ -87,3 +87,31 @@ class Exchange:
         if "nccl" in backend and torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
         return None
+
+
+class Exchanged(torch.autograd.Function):
+    """``wire = Exchanged.apply(exchange, communicate, g, header, *blocks)``.
+
+    Forward: one ``cat`` of the header and every slot's block, and (``communicate``) one
+    ``all_reduce(SUM)`` of it: the global sums ``S``. Backward: the surrogate's gradient ``g * grad``
+    for each block, handed out by one ``split`` -- no slicing of a differentiable buffer field by
+    field, no collective.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, exchange: Exchange, communicate: bool, g: float, header: Tensor, *blocks: Tensor
+    ) -> Tensor:
+        wire = torch.cat([header, *blocks])
+        if communicate:
+            exchange.sum_(wire)
+        ctx.g, ctx.header = g, header.numel()
+        ctx.sizes = [b.numel() for b in blocks]
+        return wire
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        pieces = grad.narrow(0, ctx.header, grad.numel() - ctx.header)
+        if ctx.g != 1.0:
+            pieces = pieces * ctx.g
+        return (None, None, None, None, *pieces.split(ctx.sizes))

@@ -1,24 +1,26 @@
-"""Where each statistic of each penalty of each regularized layer sits in the one flat buffer.
+"""Where each statistic of each regularized slot sits in the step's flat buffer.
 
 The layout is fixed when the regularizer is built (slots and penalties) and when the feature size
-of a slot becomes known (agreed across ranks on the first ``loss()``). A slot that did not run
-this step contributes zeros, so every rank always sends a buffer of the same size and order.
+of a slot becomes known (agreed across ranks on the first ``loss()``); :class:`Layout` is the one
+writer of feature sizes. Each slot owns one contiguous *block* (see :mod:`actreg.statistics`): the
+primitives of the fused kernel, then the statistics of penalties that record their own. A slot that
+did not run this step contributes zeros, so every rank always sends a buffer of the same size and
+order.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
-
-from .activity import activity_shapes
 from .penalties import Penalty
+from .statistics import ELEMENTS, BlockSpec
 
-ACTIVITY = "activity"  #: label of the activity block of a slot (not a penalty)
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+#: the step buffer starts with a header: [NaN if this rank failed to record else 0, failed ranks,
+#: failing rank, failing slot] -- summed like the statistics, so every rank learns of a failure
+HEADER = 4
 
 
 @dataclass
@@ -29,7 +31,6 @@ class Slot:
     penalties: tuple[Penalty, ...]
     labels: tuple[str, ...]  #: metric label of each penalty, unique within the slot
     from_module: bool
-    dim: int | None = None  #: feature size, agreed by all ranks (None until known)
 
     @property
     def centered(self) -> bool:
@@ -39,6 +40,27 @@ class Slot:
     def describe(self) -> tuple[str, bool, tuple[str, ...]]:
         # memory addresses (a function stored in a custom penalty) differ between processes
         return (self.name, self.from_module, tuple(_ADDRESS.sub("", repr(p)) for p in self.penalties))
+
+    def spec(self, d: int, threshold: float) -> BlockSpec:
+        """The fused primitives this slot records for ``d`` features."""
+        wanted: set[str] = set()
+        differentiated: set[str] = set()
+        for p in self.penalties:
+            prims = {ELEMENTS: "count"}
+            used = {prims.get(v, v) for v in p._primitives.values()}
+            wanted |= used
+            differentiated |= used - {"count"}
+        custom_centred = any(p.centered and not p._primitives for p in self.penalties)
+        if (wanted & {"csq", "couter"} or custom_centred) and "csum" not in wanted:
+            wanted.add("csum")  # the slot's shift is its global mean: needs the centred sum
+        optional = frozenset(wanted - {"count", "abs_sum", "sq_sum"})
+        return BlockSpec(d, optional, frozenset(differentiated), threshold)
+
+    def own_records(self) -> Iterator[tuple[str, Penalty]]:
+        """Penalties that record their own statistics (no fused primitives), with their labels."""
+        for label, p in zip(self.labels, self.penalties, strict=True):
+            if not p._primitives:
+                yield label, p
 
 
 def unique_labels(penalties: Sequence[Penalty]) -> tuple[str, ...]:
@@ -52,87 +74,107 @@ def unique_labels(penalties: Sequence[Penalty]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class Field:
-    """One statistic in the flat buffer."""
+class Where:
+    """A statistic's place in the buffer: ``numel`` values from ``offset``; ``scale`` multiplies
+    them when read (``elements = count * d``)."""
 
-    slot: int
-    label: str  #: penalty label, or ``ACTIVITY``
-    stat: str
-    shape: tuple[int, ...]
     offset: int
-    numel: int
+    shape: tuple[int, ...]
+    scale: float = 1.0
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
 
 
 class Layout:
     """Offsets of all statistics of all slots with a known feature size."""
 
-    def __init__(self, slots: Sequence[Slot]) -> None:
+    def __init__(self, slots: Sequence[Slot], threshold: float) -> None:
         self.slots = list(slots)
-        self.fields: list[Field] = []
+        self.threshold = threshold
+        self.dims: list[int | None] = [None] * len(self.slots)
+        self.specs: list[BlockSpec | None] = []
+        self.offsets: list[int] = []  #: start of each slot's block
+        self.block_sizes: list[int] = []
         self.size = 0
+        self.version = 0  #: changes whenever offsets change
         self._built_for: tuple[int | None, ...] | None = None
+        self.build()
 
     def describe(self) -> list[tuple[str, bool, tuple[str, ...]]]:
         return [s.describe() for s in self.slots]
 
-    def build(self) -> None:
-        """(Re)compute offsets; slots whose feature size is still unknown take no space."""
-        dims = tuple(s.dim for s in self.slots)
+    def set_dim(self, index: int, d: int) -> None:
+        self.dims[index] = d
+
+    @property
+    def complete(self) -> bool:
+        return all(d is not None for d in self.dims)
+
+    def build(self) -> bool:
+        """(Re)compute offsets; slots whose feature size is still unknown take no space.
+
+        Returns whether anything changed.
+        """
+        dims = tuple(self.dims)
         if dims == self._built_for:
-            return
-        fields: list[Field] = []
-        offset = 0
-        for index, slot in enumerate(self.slots):
-            if slot.dim is None:
-                continue
-            blocks = [(ACTIVITY, activity_shapes(slot.dim))]
-            blocks += [
-                (lab, p.statistic_shapes(slot.dim))
-                for lab, p in zip(slot.labels, slot.penalties, strict=True)
-            ]
-            for label, shapes in blocks:
-                for stat, shape in shapes.items():
-                    numel = 1
-                    for n in shape:
-                        numel *= n
-                    fields.append(Field(index, label, stat, tuple(shape), offset, numel))
-                    offset += numel
-        self.fields, self.size, self._built_for = fields, offset, dims
+            return False
+        self.specs, self.offsets, self.block_sizes = [], [], []
+        offset = HEADER
+        for slot, d in zip(self.slots, dims, strict=True):
+            spec = None if d is None else slot.spec(d, self.threshold)
+            size = 0 if spec is None or d is None else spec.size + self._own_size(slot, d)
+            self.specs.append(spec)
+            self.offsets.append(offset)
+            self.block_sizes.append(size)
+            offset += size
+        self.size, self._built_for = offset, dims
+        self.version += 1
+        return True
 
-    def pack(
-        self,
-        lookup: Callable[[Field], Tensor | None],
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> Tensor:
-        """Concatenate ``lookup(field)`` for every field (zeros where it gives ``None``)."""
-        pieces = []
-        for f in self.fields:
-            t = lookup(f)
-            if t is None:
-                pieces.append(torch.zeros(f.numel, dtype=dtype, device=device))
-            else:
-                if tuple(t.shape) != f.shape:
-                    raise ValueError(
-                        f"statistic {f.stat!r} of {f.label} on {self.slots[f.slot].name!r} has shape "
-                        f"{tuple(t.shape)}, expected {f.shape}"
-                    )
-                pieces.append(t.reshape(-1).to(device=device, dtype=dtype))
-        if not pieces:
-            return torch.zeros(0, dtype=dtype, device=device)
-        return torch.cat(pieces)
+    @staticmethod
+    def _own_size(slot: Slot, d: int) -> int:
+        return sum(
+            Where(0, tuple(shape)).numel
+            for _, p in slot.own_records()
+            for shape in p.statistic_shapes(d).values()
+        )
 
-    def views(self, buffer: Tensor) -> Iterator[tuple[Field, Tensor]]:
-        """Each field with its view into ``buffer``."""
-        for f in self.fields:
-            yield f, buffer[f.offset : f.offset + f.numel].view(f.shape)
+    def where(self, index: int, label: str) -> dict[str, Where]:
+        """Places of the statistics of penalty ``label`` of slot ``index`` (its size must be known)."""
+        slot, spec, d = self.slots[index], self.specs[index], self.dims[index]
+        assert spec is not None and d is not None
+        base = self.offsets[index]
+        p = slot.penalties[slot.labels.index(label)]
+        shapes = p.statistic_shapes(d)
+        if p._primitives:
+            out = {}
+            for stat, prim in p._primitives.items():
+                if prim == ELEMENTS:
+                    out[stat] = Where(base + spec.offsets["count"], (), float(d))
+                else:
+                    out[stat] = Where(base + spec.offsets[prim], tuple(shapes[stat]))
+            return out
+        at = base + spec.size
+        for own_label, q in slot.own_records():
+            places = {}
+            for stat, shape in q.statistic_shapes(d).items():
+                places[stat] = Where(at, tuple(shape))
+                at += places[stat].numel
+            if own_label == label:
+                return places
+        raise KeyError(label)
 
-    def unpack(self, buffer: Tensor) -> dict[tuple[int, str], dict[str, Tensor]]:
-        """Views into ``buffer``: ``{(slot index, label): {stat: tensor}}``."""
-        out: dict[tuple[int, str], dict[str, Tensor]] = {}
-        for f, view in self.views(buffer):
-            out.setdefault((f.slot, f.label), {})[f.stat] = view
-        return out
+    def activity(self, index: int) -> dict[str, Where]:
+        """Places of the slot's activity statistics (count, abs_sum, sq_sum, active, csum?)."""
+        spec, d = self.specs[index], self.dims[index]
+        assert spec is not None and d is not None
+        base = self.offsets[index]
+        return {name: Where(base + off, spec.shape(name)) for name, off in spec.offsets.items()}
 
 
 def describe_differences(descriptions: Sequence[object], what: str = "layout") -> str:

@@ -64,7 +64,23 @@ def count_of(x: Tensor) -> Tensor:
 
 def nonzero(n: Tensor) -> Tensor:
     """``n`` where it is positive, else 1: a divisor that never produces inf/NaN."""
-    return torch.where(n > 0, n, torch.ones_like(n))
+    return torch.where(n > 0, n, 1.0)
+
+
+def _per_unit(n: Tensor) -> Tensor:
+    """A count (``()`` or batched ``[k]``) shaped to divide per-unit statistics ``[..., d]``."""
+    return n.unsqueeze(-1)
+
+
+def _masked(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``x`` with masked-out positions set to 0 (padding may hold -inf or NaN), and the bool mask.
+
+    Masks select with ``where``, never by indexing: shapes do not depend on data.
+    """
+    keep = position_mask(x, mask)
+    if keep is None:
+        return x, None
+    return torch.where(keep.unsqueeze(-1), x, 0.0), keep
 
 
 class Penalty(abc.ABC):
@@ -84,6 +100,13 @@ class Penalty(abc.ABC):
 
     #: statistic name -> ``"first"`` | ``"square"`` | ``"outer"`` for shift-invariant penalties
     centered: ClassVar[dict[str, str]] = {}
+    #: built-ins only: statistic name -> primitive of the fused kernel (:mod:`actreg.statistics`)
+    #: that computes it; penalties that leave it empty record through :meth:`record`
+    _primitives: ClassVar[dict[str, str]] = {}
+    #: built-ins only: ``value`` accepts statistics with a leading batch dimension (one row per
+    #: slot) and is linear in the attribute named by ``_scale``, so slots are evaluated together
+    _batchable: ClassVar[bool] = False
+    _scale: ClassVar[str] = "weight"
 
     @property
     def name(self) -> str:
@@ -127,6 +150,9 @@ class L1(Penalty):
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
 
+    _primitives: ClassVar[dict[str, str]] = {"abs_sum": "abs_sum", "count": "count"}
+    _batchable = True
+
     def statistic_shapes(self, d: int) -> Shapes:
         return {"abs_sum": (), "count": ()}
 
@@ -143,6 +169,9 @@ class L2(Penalty):
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
 
+    _primitives: ClassVar[dict[str, str]] = {"sq_sum": "sq_sum", "count": "count"}
+    _batchable = True
+
     def statistic_shapes(self, d: int) -> Shapes:
         return {"sq_sum": (), "count": ()}
 
@@ -155,6 +184,10 @@ class L2(Penalty):
 
 class AR(Penalty):
     """Activation regularization (AWD-LSTM): ``alpha * sum_ij x_ij^2 / (n * d)`` = alpha * mean(x^2)."""
+
+    _primitives: ClassVar[dict[str, str]] = {"sq_sum": "sq_sum", "elements": "elements"}
+    _batchable = True
+    _scale = "alpha"
 
     def __init__(self, alpha: float) -> None:
         self.alpha = float(alpha)
@@ -177,6 +210,10 @@ class TAR(Penalty):
     kept. Each recorded call contributes its own differences (no difference across calls).
     """
 
+    _batchable = True
+    _scale = "beta"
+    _raw_input = True  # record() takes the activation as produced (no float32 copy is kept)
+
     def __init__(self, beta: float, time_dim: int = 1) -> None:
         self.beta = float(beta)
         self.time_dim = int(time_dim)
@@ -185,6 +222,8 @@ class TAR(Penalty):
         return {"diff_sq_sum": (), "elements": ()}
 
     def record(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+        from .statistics import temporal_differences
+
         if x.dim() < 2:
             raise ValueError(f"TAR needs an activation [..., time, ..., d], got shape {tuple(x.shape)}")
         td = self.time_dim % x.dim()
@@ -193,18 +232,12 @@ class TAR(Penalty):
                 f"TAR(time_dim={self.time_dim}) points at the feature (last) dimension of an "
                 f"activation of shape {tuple(x.shape)}; time_dim must be a position dimension"
             )
-        steps = x.shape[td]
-        if steps < 2:
-            return {"diff_sq_sum": x.new_zeros(()), "elements": x.new_zeros(())}
-        diff = x.narrow(td, 1, steps - 1) - x.narrow(td, 0, steps - 1)
-        keep = position_mask(x, mask)
-        if keep is not None:
-            keep = keep.narrow(td, 1, steps - 1) & keep.narrow(td, 0, steps - 1)
-        rows = positions(diff, keep)
-        return {
-            "diff_sq_sum": rows.pow(2).sum(),
-            "elements": _full(x, rows.numel()),
-        }
+        acc = torch.promote_types(x.dtype, torch.float32)
+        if x.shape[td] < 2:
+            zero = torch.zeros((), dtype=acc, device=x.device)
+            return {"diff_sq_sum": zero, "elements": zero}
+        sq, n = temporal_differences(x, position_mask(x, mask), td, acc).unbind()
+        return {"diff_sq_sum": sq, "elements": n}
 
     def value(self, stats: Stats) -> Tensor:
         return self.beta * stats["diff_sq_sum"] / nonzero(stats["elements"])
@@ -217,6 +250,9 @@ class KLSparsity(Penalty):
     ``KL(p || q) = p log(p/q) + (1-p) log((1-p)/(1-q))``. Activations are expected in [0, 1]
     (e.g. sigmoid outputs).
     """
+
+    _primitives: ClassVar[dict[str, str]] = {"sum": "sum", "count": "count"}
+    _batchable = True
 
     def __init__(self, target: float, weight: float, eps: float = 1e-6) -> None:
         if not 0.0 < target < 1.0:
@@ -233,23 +269,28 @@ class KLSparsity(Penalty):
 
     def value(self, stats: Stats) -> Tensor:
         n = stats["count"]
-        rho_hat = (stats["sum"] / nonzero(n)).clamp(self.eps, 1.0 - self.eps)
+        rho_hat = (stats["sum"] / _per_unit(nonzero(n))).clamp(self.eps, 1.0 - self.eps)
         p = self.target
         kl = p * (math.log(p) - torch.log(rho_hat)) + (1 - p) * (math.log(1 - p) - torch.log1p(-rho_hat))
-        return torch.where(n > 0, self.weight * kl.sum(), torch.zeros_like(n))
+        return torch.where(n > 0, self.weight * kl.sum(-1), 0.0)
 
 
 def _biased_covariance(stats: Stats) -> Tensor:
     n = nonzero(stats["count"])
-    mean = stats["sum"] / n
-    return stats["outer"] / n - torch.outer(mean, mean)
+    mean = stats["sum"] / _per_unit(n)
+    return stats["outer"] / n[..., None, None] - mean.unsqueeze(-1) * mean.unsqueeze(-2)
+
+
+def _off_diagonal_squares(c: Tensor) -> Tensor:
+    """``sum_{i != j} c_ij^2`` over the last two dimensions."""
+    return c.square().sum((-2, -1)) - torch.diagonal(c, dim1=-2, dim2=-1).square().sum(-1)
 
 
 def _bessel(stats: Stats) -> tuple[Tensor, Tensor]:
     """Factor n/(n-1) of the unbiased estimate, and whether it is defined (n > 1)."""
     nb = stats.get(BATCH_COUNT, stats["count"])
     defined = nb > 1
-    return torch.where(defined, nb / torch.where(defined, nb - 1, torch.ones_like(nb)), nb * 0), defined
+    return torch.where(defined, nb / torch.where(defined, nb - 1, 1.0), 0.0), defined
 
 
 class DeCov(Penalty):
@@ -259,6 +300,8 @@ class DeCov(Penalty):
     """
 
     centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
+    _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "outer": "couter", "count": "count"}
+    _batchable = True
 
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
@@ -270,8 +313,7 @@ class DeCov(Penalty):
         return {"sum": x.sum(0), "outer": x.T @ x, "count": count_of(x)}
 
     def value(self, stats: Stats) -> Tensor:
-        cov = _biased_covariance(stats)
-        return self.weight * 0.5 * (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum())
+        return self.weight * 0.5 * _off_diagonal_squares(_biased_covariance(stats))
 
 
 class VarianceFloor(Penalty):
@@ -282,6 +324,8 @@ class VarianceFloor(Penalty):
     """
 
     centered: ClassVar[dict[str, str]] = {"sum": "first", "sq_sum": "square"}
+    _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "sq_sum": "csq", "count": "count"}
+    _batchable = True
 
     def __init__(self, weight: float, gamma: float = 1.0, eps: float = 1e-4) -> None:
         self.weight = float(weight)
@@ -295,12 +339,12 @@ class VarianceFloor(Penalty):
         return {"sum": x.sum(0), "sq_sum": x.pow(2).sum(0), "count": count_of(x)}
 
     def value(self, stats: Stats) -> Tensor:
-        n = nonzero(stats["count"])
+        n = _per_unit(nonzero(stats["count"]))
         mean = stats["sum"] / n
         factor, defined = _bessel(stats)
-        var = (stats["sq_sum"] / n - mean.pow(2)) * factor
-        hinge = torch.relu(self.gamma - torch.sqrt(var.clamp_min(0) + self.eps)).mean()
-        return torch.where(defined, self.weight * hinge, torch.zeros_like(hinge))
+        var = (stats["sq_sum"] / n - mean.square()) * _per_unit(factor)
+        hinge = torch.relu(self.gamma - torch.sqrt(var.clamp_min(0) + self.eps)).mean(-1)
+        return torch.where(defined, self.weight * hinge, 0.0)
 
 
 class Covariance(Penalty):
@@ -310,6 +354,8 @@ class Covariance(Penalty):
     """
 
     centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
+    _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "outer": "couter", "count": "count"}
+    _batchable = True
 
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
@@ -322,10 +368,9 @@ class Covariance(Penalty):
 
     def value(self, stats: Stats) -> Tensor:
         factor, defined = _bessel(stats)
-        cov = _biased_covariance(stats) * factor
-        d = cov.shape[0]
-        off = cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()
-        return torch.where(defined, self.weight * off / d, torch.zeros_like(off))
+        cov = _biased_covariance(stats) * factor[..., None, None]
+        off = _off_diagonal_squares(cov)
+        return torch.where(defined, self.weight * off / cov.shape[-1], 0.0)
 
 
 class LoadBalance(Penalty):
@@ -334,6 +379,8 @@ class LoadBalance(Penalty):
     ``weight * E * sum_e f_e P_e`` with ``f_e = (top-k assignments to e) / (n k)`` (not
     differentiable) and ``P_e = sum_i softmax(x_i)_e / n``.
     """
+
+    _batchable = True
 
     def __init__(self, num_experts: int, top_k: int, weight: float) -> None:
         if not 1 <= top_k <= num_experts:
@@ -352,21 +399,33 @@ class LoadBalance(Penalty):
         return {"assigned": (d,), "prob_sum": (d,), "count": ()}
 
     def statistics(self, x: Tensor) -> dict[str, Tensor]:
+        return self.record(x, None)
+
+    def record(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+        x, keep = _masked(x, mask)
+        lead = tuple(range(x.dim() - 1))
         probs = torch.softmax(x, dim=-1)
-        chosen = torch.topk(x.detach(), self.top_k, dim=-1).indices.reshape(-1)
+        chosen = torch.topk(x.detach(), self.top_k, dim=-1).indices
+        votes = torch.ones_like(chosen, dtype=x.dtype)
+        if keep is not None:
+            probs = torch.where(keep.unsqueeze(-1), probs, 0.0)
+            votes = votes * keep.unsqueeze(-1)
         assigned = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
-        assigned.index_add_(0, chosen, torch.ones_like(chosen, dtype=x.dtype))
-        return {"assigned": assigned, "prob_sum": probs.sum(0), "count": count_of(x)}
+        assigned.index_add_(0, chosen.reshape(-1), votes.reshape(-1))
+        count = _full(x, x.numel() // x.shape[-1]) if keep is None else keep.sum(dtype=x.dtype)
+        return {"assigned": assigned, "prob_sum": probs.sum(lead), "count": count}
 
     def value(self, stats: Stats) -> Tensor:
-        n = nonzero(stats["count"])
+        n = _per_unit(nonzero(stats["count"]))
         f = stats["assigned"] / (n * self.top_k)
         p = stats["prob_sum"] / n
-        return self.weight * self.num_experts * (f * p).sum()
+        return self.weight * self.num_experts * (f * p).sum(-1)
 
 
 class ZLoss(Penalty):
     """Router z-loss (ST-MoE): ``weight * sum_i logsumexp(x_i)^2 / n`` on router logits."""
+
+    _batchable = True
 
     def __init__(self, weight: float) -> None:
         self.weight = float(weight)
@@ -375,7 +434,14 @@ class ZLoss(Penalty):
         return {"lse_sq_sum": (), "count": ()}
 
     def statistics(self, x: Tensor) -> dict[str, Tensor]:
-        return {"lse_sq_sum": torch.logsumexp(x, dim=-1).pow(2).sum(), "count": count_of(x)}
+        return self.record(x, None)
+
+    def record(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+        x, keep = _masked(x, mask)
+        lse_sq = torch.logsumexp(x, dim=-1).square()
+        if keep is None:
+            return {"lse_sq_sum": lse_sq.sum(), "count": _full(x, lse_sq.numel())}
+        return {"lse_sq_sum": torch.where(keep, lse_sq, 0.0).sum(), "count": keep.sum(dtype=x.dtype)}
 
     def value(self, stats: Stats) -> Tensor:
         return self.weight * stats["lse_sq_sum"] / nonzero(stats["count"])

@@ -1,0 +1,208 @@
+"""Recording: forward hooks and ``observe`` turn activations into each slot's pending block.
+
+The :class:`Recorder` owns everything between two ``loss()`` calls: the hooks, the mask context,
+the pending blocks (one flat vector per slot; several calls in a step add up), the errors met while
+recording and the feature sizes seen. A failure is **never raised in a forward**: a rank that
+raised there would leave the others waiting in the collective. It is stored, travels in the step's
+header and is raised by the next call on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layout import Layout
+from .positions import position_mask
+from .shifts import Shifts
+from .statistics import BlockSpec, fused_statistics
+
+
+@dataclass
+class Records:
+    """What one step recorded: blocks per slot, error messages, and the slot of the first error."""
+
+    blocks: dict[int, Tensor] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    failed_slot: int = -1
+
+
+class Recorder:
+    """Hooks on the regularized modules; statistics of every recorded activation."""
+
+    def __init__(self, layout: Layout, modules: dict[str, nn.Module], shifts: Shifts) -> None:
+        self.layout = layout
+        self.shifts = shifts
+        self.seen: dict[int, int] = {}  #: feature size each slot was recorded with on this rank
+        self.dtype: torch.dtype | None = None  #: statistics dtype, once agreed (or given)
+        self.device: torch.device | None = None  #: device of the first recorded activation
+        self.recorded_last_step: set[int] = set()
+        self._records = Records()
+        self._masks: list[tuple[Tensor | None, str]] = []
+        self._specs: dict[tuple[int, int], BlockSpec] = {}
+        self._warned: set[int] = set()
+        self._handles = [
+            modules[slot.name].register_forward_hook(self._hook(i))
+            for i, slot in enumerate(layout.slots)
+            if slot.from_module
+        ]
+
+    # ------------------------------------------------------------------ entry points
+    def _hook(self, index: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled():
+                return
+            x = _first_tensor(output)
+            if x is None:
+                self.fail(
+                    index,
+                    f"the output of the module is a {type(output).__name__}, not a tensor; "
+                    "record the tensor you mean with reg.observe(name, tensor)",
+                )
+                return
+            self.record(index, x, self._mask_for(self.layout.slots[index].name))
+
+        return hook
+
+    @contextlib.contextmanager
+    def mask(self, mask: Tensor | None, modules: str) -> Iterator[None]:
+        entry = (mask, modules)
+        self._masks.append(entry)
+        try:
+            yield
+        finally:
+            self._masks.remove(entry)
+
+    def _mask_for(self, name: str) -> Tensor | None:
+        for mask, pattern in reversed(self._masks):
+            if fnmatch.fnmatchcase(name, pattern):
+                return mask
+        return None
+
+    def fail(self, index: int, message: str) -> None:
+        if self._records.failed_slot < 0:
+            self._records.failed_slot = index
+        self._records.errors.append(f"{self.layout.slots[index].name!r}: {message}")
+
+    def take(self) -> Records:
+        """This step's records; recording starts afresh."""
+        records, self._records = self._records, Records()
+        self.recorded_last_step = set(records.blocks)
+        return records
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._records = Records()
+
+    # ------------------------------------------------------------------ statistics
+    def record(self, index: int, x: Tensor, mask: Tensor | None) -> None:
+        if _in_backward():
+            # Activation checkpointing recomputes the forward during backward: run the same
+            # operations (around the same shift) so that the checkpoint can recompute the tensors
+            # they saved, but record nothing -- the step's statistics were taken in the forward.
+            if index not in self.recorded_last_step:
+                self._warn_unrecorded(index)
+            keep = position_mask(x, mask)
+            self._block(index, x, keep, self.shifts.last_step.get(index))
+            return
+        try:
+            self._check(index, x)
+            keep = position_mask(x, mask)
+            block = self._block(index, x, keep, self.shifts.for_recording(index, x, keep, self._acc(x)))
+        except Exception as err:
+            self.fail(index, f"{type(err).__name__}: {err}")
+            return
+        self.seen[index] = x.shape[-1]
+        if self.device is None:
+            self.device = x.device
+        blocks = self._records.blocks
+        blocks[index] = block if index not in blocks else blocks[index] + block
+
+    def _acc(self, x: Tensor) -> torch.dtype:
+        return self.dtype if self.dtype is not None else torch.promote_types(x.dtype, torch.float32)
+
+    def _block(self, index: int, x: Tensor, keep: Tensor | None, shift: Tensor | None) -> Tensor:
+        d = x.shape[-1]
+        spec = self._specs.get((index, d))
+        if spec is None:
+            spec = self._specs[(index, d)] = self.layout.slots[index].spec(d, self.layout.threshold)
+        acc = self._acc(x)
+        block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc)
+        own = list(self.layout.slots[index].own_records())
+        if not own:
+            return block
+        pieces = [block]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xa = x if x.dtype == acc else x.to(acc)
+            for _, p in own:
+                source = x if getattr(p, "_raw_input", False) else xa
+                if p.centered and shift is not None:
+                    source = source - shift.to(source)
+                stats = p.record(source, keep)
+                expected = p.statistic_shapes(d)
+                if set(stats) != set(expected):
+                    raise ValueError(
+                        f"{p!r}.statistics() returned {sorted(stats)}, statistic_shapes() "
+                        f"declares {sorted(expected)}"
+                    )
+                for name, shape in expected.items():
+                    t = stats[name]
+                    if tuple(t.shape) != tuple(shape):
+                        raise ValueError(
+                            f"statistic {name!r} of {p!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
+                        )
+                    pieces.append(t.reshape(-1).to(acc))
+        return torch.cat(pieces)
+
+    def _check(self, index: int, x: Tensor) -> None:
+        slot = self.layout.slots[index]
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+            raise ValueError(f"expected a floating tensor [..., features], got {_describe(x)}")
+        d = x.shape[-1]
+        known = self.layout.dims[index] if self.layout.dims[index] is not None else self.seen.get(index)
+        if known is not None and d != known:
+            raise ValueError(f"activation has {d} features, earlier ones had {known}")
+        for p in slot.penalties:
+            p.check_features(d)
+
+    def _warn_unrecorded(self, index: int) -> None:
+        if index in self._warned:
+            return
+        self._warned.add(index)
+        warnings.warn(
+            f"actreg: {self.layout.slots[index].name!r} ran during backward but was not recorded in "
+            "the forward: it is probably inside torch.utils.checkpoint(..., use_reentrant=True), "
+            "whose forward runs without autograd, so its penalty is missing. Use "
+            "use_reentrant=False (supported), or reg.observe() its output outside the checkpoint.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _first_tensor(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def _in_backward() -> bool:
+    """Whether autograd's engine is running (e.g. a checkpoint recomputing its forward)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,250 @@
+"""The fused statistics of one recorded activation: one autograd node, closed-form gradient.
+
+Every slot computes a *block*: a flat vector holding, in this order,
+
+    count, abs_sum, sq_sum | active[d] | sum[d]? | csum[d]? | csq[d]? | couter[d*d]? | extras
+
+- ``count`` (kept positions), ``abs_sum = sum |x|``, ``sq_sum = sum x^2`` and ``active`` (per unit,
+  the number of positions where ``|x| > threshold``) are always there: they feed the activity
+  metrics and ``L1`` / ``L2`` / ``AR``;
+- ``sum`` (per unit, raw) when a penalty needs it (``KLSparsity``);
+- ``csum``, ``csq`` and ``couter`` are first moments, per-unit second moments and the Gram matrix of
+  ``x - c`` around the slot's shift ``c`` (see :mod:`actreg.centering`), for centred penalties;
+- ``extras`` are the statistics of penalties that compute their own (``TAR``, ``LoadBalance``,
+  ``ZLoss``, user penalties), concatenated by the recorder.
+
+:class:`FusedStatistics` computes the primitive part in one pass per statistic, accumulating in
+float32 (float64 for float64 input) with autocast disabled, and saves only ``x`` (the activation
+the layer produced, not a copy), the position mask and the shift. Its backward writes
+``g_abs sign(x) + 2 g_sq x + g_sum + g_csum + 2 g_csq (x - c) + (x - c)(G + G^T)`` directly, for
+the statistics some penalty differentiates. Masks multiply (``where``), they never index: shapes
+never depend on data, so nothing waits for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: primitive statistics that the fused kernel computes, in block order
+PRIMITIVES = ("count", "abs_sum", "sq_sum", "active", "sum", "csum", "csq", "couter")
+#: derived primitive: ``count * d`` (elements of the kept positions), read from ``count``
+ELEMENTS = "elements"
+HEAD = ("count", "abs_sum", "sq_sum")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Which primitives a slot records, where they sit in its block, and which are differentiated."""
+
+    d: int
+    wanted: frozenset[str]  #: optional primitives present: sum, csum, csq, couter
+    differentiated: frozenset[str]  #: primitives some penalty takes a gradient through
+    threshold: float
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name in HEAD:
+            return ()
+        return (self.d, self.d) if name == "couter" else (self.d,)
+
+    @property
+    def present(self) -> tuple[str, ...]:
+        return tuple(p for p in PRIMITIVES if p in HEAD or p == "active" or p in self.wanted)
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        out, at = {}, 0
+        for name in self.present:
+            out[name] = at
+            at += _numel(self.shape(name))
+        return out
+
+    @property
+    def size(self) -> int:
+        return sum(_numel(self.shape(p)) for p in self.present)
+
+    @property
+    def centred(self) -> bool:
+        return bool(self.wanted & {"csum", "csq", "couter"})
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+_COUNTS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _constant(value: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached 0-d tensor: the count of an unmasked activation costs no op per step."""
+    key = (value, dtype, device)
+    t = _COUNTS.get(key)
+    if t is None:
+        if len(_COUNTS) > 4096:
+            _COUNTS.clear()
+        t = _COUNTS[key] = torch.full((), float(value), dtype=dtype, device=device)
+    return t
+
+
+class FusedStatistics(torch.autograd.Function):
+    """``block = FusedStatistics.apply(x, keep, shift, spec, acc)`` -- see the module docstring."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+    ) -> Tensor:
+        input_shape = x.shape
+        if x.dim() == 1:
+            x = x.unsqueeze(0)
+            keep = None if keep is None else keep.unsqueeze(0)
+        lead = tuple(range(x.dim() - 1))
+        xm = x if keep is None else torch.where(keep.unsqueeze(-1), x, 0)
+        if keep is None:
+            count = _constant(x.numel() // max(spec.d, 1), acc, x.device)
+        else:
+            count = keep.sum(dtype=acc)
+        norm = torch.linalg.vector_norm
+        if spec.threshold == 0.0:
+            active = norm(xm, 0, dim=lead, dtype=acc)
+        else:
+            active = norm((xm.abs() - spec.threshold).relu_(), 0, dim=lead, dtype=acc)
+        pieces = [
+            # (vector_norm's ord 2 accumulates too coarsely on CPU: square and sum instead)
+            torch.stack(
+                [count, norm(xm, 1, dtype=acc), (xm if xm.dtype == acc else xm.to(acc)).square().sum()]
+            ),
+            active,
+        ]
+        wanted = spec.wanted
+        if "sum" in wanted:
+            pieces.append(xm.sum(lead, dtype=acc))
+        if spec.centred:
+            xc = _centred(x, keep, shift, acc)
+            if "csum" in wanted:
+                pieces.append(xc.sum(lead))
+            if "csq" in wanted:
+                pieces.append(xc.square().sum(lead))
+            if "couter" in wanted:
+                pieces.append(torch.einsum("...i,...j->ij", xc, xc).reshape(-1))
+        ctx.save_for_backward(x, keep, shift)
+        ctx.spec, ctx.acc, ctx.input_shape = spec, acc, input_shape
+        return torch.cat(pieces)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+        x, keep, shift = ctx.saved_tensors
+        spec: BlockSpec = ctx.spec
+        diff, at = spec.differentiated, spec.offsets
+        gx: Tensor | None = None
+        if "abs_sum" in diff:
+            gx = x.sign() * grad[1]
+        if "sq_sum" in diff:
+            term = x * (2 * grad[2])
+            gx = term if gx is None else gx + term
+        if "sum" in diff:
+            term = grad[at["sum"] : at["sum"] + spec.d]
+            gx = term if gx is None else gx + term
+        if diff & {"csum", "csq", "couter"}:
+            gc = _centred_grad(x, keep, shift, grad, spec, ctx.acc)
+            gx = gc if gx is None else gx + gc
+        if gx is None:
+            return None, None, None, None, None
+        if keep is not None:
+            gx = torch.where(keep.unsqueeze(-1), gx, 0)
+        elif gx.shape != x.shape:
+            gx = gx.expand(x.shape)
+        if gx.dtype != x.dtype:
+            gx = gx.to(x.dtype)
+        if gx.shape != ctx.input_shape:
+            gx = gx.reshape(ctx.input_shape)
+        return gx, None, None, None, None
+
+
+def _centred(x: Tensor, keep: Tensor | None, shift: Tensor | None, acc: torch.dtype) -> Tensor:
+    xc = x.to(acc) if shift is None else x - shift
+    if keep is not None:
+        xc = torch.where(keep.unsqueeze(-1), xc, 0)
+    return xc
+
+
+def _centred_grad(
+    x: Tensor, keep: Tensor | None, shift: Tensor | None, grad: Tensor, spec: BlockSpec, acc: torch.dtype
+) -> Tensor:
+    d, at, diff = spec.d, spec.offsets, spec.differentiated
+    xc = x.to(acc) if shift is None else x - shift
+    gx: Tensor | None = None
+    if "csum" in diff:
+        gx = grad[at["csum"] : at["csum"] + d]
+    if "csq" in diff:
+        term = xc * (2 * grad[at["csq"] : at["csq"] + d])
+        gx = term if gx is None else gx + term
+    if "couter" in diff:
+        g = grad[at["couter"] : at["couter"] + d * d].view(d, d)
+        term = xc @ (g + g.mT)
+        gx = term if gx is None else gx + term
+    assert gx is not None
+    return gx
+
+
+def fused_statistics(
+    x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+) -> Tensor:
+    """The primitive part of a slot's block for activation ``x`` (``[..., d]``)."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if shift is not None and (shift.device != x.device or shift.dtype != acc):
+            shift = shift.to(device=x.device, dtype=acc)
+        return FusedStatistics.apply(x, keep, shift, spec, acc)
+
+
+class TemporalDifferences(torch.autograd.Function):
+    """``[sum (x_t - x_{t-1})^2, number of difference elements]`` along ``time_dim`` (TAR).
+
+    A difference counts when both of its positions are kept. Saves ``x`` and the mask only; the
+    backward recomputes the differences.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, keep: Tensor | None, time_dim: int, acc: torch.dtype
+    ) -> Tensor:
+        diff, pairs = _differences(x, keep, time_dim, acc)
+        if pairs is None:
+            n = _constant(diff.numel(), acc, x.device)
+        else:
+            n = pairs.sum(dtype=acc) * x.shape[-1]
+        ctx.save_for_backward(x, keep)
+        ctx.time_dim, ctx.acc = time_dim, acc
+        return torch.stack([diff.square().sum(), n])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        x, keep = ctx.saved_tensors
+        td = ctx.time_dim
+        diff, _ = _differences(x, keep, td, ctx.acc)
+        gd = diff * (2 * grad[0])
+        steps = x.shape[td]
+        gx = torch.zeros(x.shape, dtype=ctx.acc, device=x.device)
+        gx.narrow(td, 1, steps - 1).add_(gd)
+        gx.narrow(td, 0, steps - 1).sub_(gd)
+        return gx.to(x.dtype), None, None, None
+
+
+def _differences(x: Tensor, keep: Tensor | None, td: int, acc: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    steps = x.shape[td]
+    diff = x.narrow(td, 1, steps - 1).to(acc) - x.narrow(td, 0, steps - 1).to(acc)
+    if keep is None:
+        return diff, None
+    pairs = keep.narrow(td, 1, steps - 1) & keep.narrow(td, 0, steps - 1)
+    return torch.where(pairs.unsqueeze(-1), diff, 0.0), pairs
+
+
+def temporal_differences(x: Tensor, keep: Tensor | None, time_dim: int, acc: torch.dtype) -> Tensor:
+    """TAR's statistics of ``x`` (see :class:`TemporalDifferences`), autocast disabled."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return TemporalDifferences.apply(x, keep, time_dim, acc)
