@@ -111,7 +111,6 @@ class Exchanged(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        pieces = grad.narrow(0, ctx.header, grad.numel() - ctx.header)
         if ctx.g != 1.0:
-            pieces = pieces * ctx.g
-        return (None, None, None, None, *pieces.split(ctx.sizes))
+            grad = grad * ctx.g
+        return (None, None, None, None, *grad.split([ctx.header, *ctx.sizes])[1:])

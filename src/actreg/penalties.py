@@ -107,6 +107,8 @@ class Penalty(abc.ABC):
     #: slot) and is linear in the attribute named by ``_scale``, so slots are evaluated together
     _batchable: ClassVar[bool] = False
     _scale: ClassVar[str] = "weight"
+    #: statistics no gradient flows through (counts, top-k assignments): read without autograd
+    _constant: ClassVar[frozenset[str]] = frozenset({"count", "elements"})
 
     @property
     def name(self) -> str:
@@ -381,6 +383,7 @@ class LoadBalance(Penalty):
     """
 
     _batchable = True
+    _constant: ClassVar[frozenset[str]] = frozenset({"count", "assigned"})
 
     def __init__(self, num_experts: int, top_k: int, weight: float) -> None:
         if not 1 <= top_k <= num_experts:

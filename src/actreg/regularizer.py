@@ -166,8 +166,7 @@ class ActivityRegularizer:
 
         ok = torch.isfinite(wire).all()  # also False when a rank failed to record (NaN header)
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
-        values = self._values(dtype, device).values(torch.where(ok, stats, 0.0), batch_scale)
-        total = values.sum()
+        total = self._values(dtype, device).total(torch.where(ok, stats, 0.0), batch_scale)
         ok = ok & torch.isfinite(total)
         total = torch.where(ok, total, 0.0)
 
@@ -175,7 +174,9 @@ class ActivityRegularizer:
             if self.mode.moving_average:
                 self.ema.commit(stats, ok)
             wire = wire.detach()
-            self.ema.recenter(self.shifts.update(wire, used, ok), sorted(used))
+            old = self.shifts.update(wire, used, ok)
+            if self.mode.moving_average and old is not None:
+                self.ema.recenter(self.shifts.delta(old), sorted(used))
             self._steps += 1
             self.verdicts.post(self._steps, wire, ok, records.errors)
             if self.nonfinite == "skip":

@@ -28,7 +28,7 @@ class Shifts:
         self._recorded: dict[int, Tensor] = {}
         self._flat: Tensor | None = None  #: the current shifts of `_order`, concatenated
         self._order: list[int] = []
-        self._index: tuple[int, Tensor] | None = None  #: (layout version, gather index)
+        self._index: tuple[object, Tensor, Tensor] | None = None  #: (layout key, csum, count)
 
     def for_recording(self, index: int, x: Tensor, keep: Tensor | None, acc: torch.dtype) -> Tensor | None:
         """The shift to record slot ``index`` around this step (None: not centred)."""
@@ -76,7 +76,7 @@ class Shifts:
 
     def update(self, wire: Tensor, used: dict[int, Tensor], ok: Tensor) -> Tensor | None:
         """Next step's shifts: this step's global means (kept where a slot saw nothing or ``ok`` is
-        False). Returns ``new - used`` concatenated in slot order (None without centred slots)."""
+        False). Returns the concatenated shifts used in this step (None without centred slots)."""
         if not used:
             return None
         order = sorted(used)
@@ -86,17 +86,21 @@ class Shifts:
             old = self._flat
         else:
             old = torch.cat([used[i].to(device=wire.device, dtype=wire.dtype) for i in order])
-        index = self._gather_index(order, wire.device)
-        csum, count = wire.index_select(0, index).view(2, -1).unbind()
-        counted = count > 0
-        mean = csum / torch.where(counted, count, 1.0) + old
-        new = torch.where(counted & ok, mean, old)
+        csum_at, count_at = self._gather_index(order, wire.device)
+        # csum = sum (x - old) is 0 where the count is: old + csum / max(count, 1) keeps it there
+        mean = old + wire.index_select(0, csum_at) / wire.index_select(0, count_at).clamp_min(1.0)
+        new = torch.where(ok, mean, old)
         self._flat, self._order = new, order
         dims = [self.layout.dims[i] for i in order]
         self.current.update(zip(order, new.split(dims), strict=True))  # type: ignore[arg-type]
-        return new - old
+        return old
 
-    def _gather_index(self, order: list[int], device: torch.device) -> Tensor:
+    def delta(self, old: Tensor) -> Tensor:
+        """``new - old``: how far the last :meth:`update` moved the shifts (concatenated)."""
+        assert self._flat is not None
+        return self._flat - old
+
+    def _gather_index(self, order: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         version = (self.layout.version, tuple(order))
         if self._index is None or self._index[0] != version:
             csum, count = [], []
@@ -104,8 +108,9 @@ class Shifts:
                 where = self.layout.activity(i)
                 csum.extend(range(where["csum"].offset, where["csum"].offset + where["csum"].numel))
                 count.extend([where["count"].offset] * where["csum"].numel)
-            self._index = (version, torch.tensor(csum + count, dtype=torch.long, device=device))
-        return self._index[1]
+            index = torch.tensor([csum, count], dtype=torch.long, device=device)
+            self._index = (version, index[0], index[1])
+        return self._index[1], self._index[2]
 
     def state(self) -> dict[str, Tensor]:
         return {self.layout.slots[i].name: t.detach().clone() for i, t in sorted(self.current.items())}

@@ -81,44 +81,80 @@ def build_groups(layout: Layout) -> list[Group]:
 
 
 class Evaluator:
-    """Device tensors of the groups (index, scales), built once per layout."""
+    """Device tensors of the groups (gather indices, scales), built once per layout.
+
+    Statistics that no gradient flows through (counts, top-k assignments: ``Penalty._constant``)
+    are gathered without autograd, so backward spends nothing on them.
+    """
 
     def __init__(self, groups: list[Group], device: torch.device, dtype: torch.dtype) -> None:
         self.groups = groups
-        self.index = [torch.tensor(g.index, dtype=torch.long, device=device) for g in groups]
-        self.scales = [
-            None if g.scales is None else torch.tensor(g.scales, dtype=dtype, device=device) for g in groups
-        ]
-        self.sizes = [[g.k * _numel(shape) for _, shape, _ in g.stats] for g in groups]
+        self._plans = [_Plan(g, device, dtype) for g in groups]
+
+    def total(self, stats: Tensor, batch_scale: Tensor | None) -> Tensor:
+        """The sum of every penalty (a 0-d tensor)."""
+        total: Tensor | None = None
+        for plan in self._plans:
+            v = plan.values(stats, batch_scale)
+            v = v.sum() if v.dim() else v
+            total = v if total is None else total + v
+        return stats.new_zeros(()) if total is None else total
 
     def values(self, stats: Tensor, batch_scale: Tensor | None) -> Tensor:
-        """The value of every penalty, in group order (``[P]``).
-
-        ``batch_scale`` (ema mode) turns a moving-average ``count`` into the Bessel sample size
-        passed as :data:`~actreg.BATCH_COUNT`.
-        """
-        out = []
-        for group, index, scales, sizes in zip(self.groups, self.index, self.scales, self.sizes, strict=True):
-            parts = stats.index_select(0, index).split(sizes)
-            s: dict[str, Tensor] = {}
-            for (name, shape, read_scale), part in zip(group.stats, parts, strict=True):
-                t = part.view(group.k, *shape) if group.batched else part.view(shape)
-                s[name] = t if read_scale == 1.0 else t * read_scale
-            if batch_scale is not None and "count" in s:
-                s[BATCH_COUNT] = s["count"] * batch_scale
-            v = group.penalty.value(s)
-            if not group.batched:
-                v = v.reshape(1).to(stats.dtype)
-            if scales is not None:
-                v = v * scales
-            out.append(v)
-        if not out:
-            return stats.new_zeros(0)
-        return out[0] if len(out) == 1 else torch.cat(out)
+        """The value of every penalty, in the order of :meth:`order` (``[P]``)."""
+        out = [plan.values(stats, batch_scale).reshape(-1) for plan in self._plans]
+        return torch.cat(out) if out else stats.new_zeros(0)
 
     def order(self) -> list[tuple[int, str]]:
         """(slot index, label) of each entry of :meth:`values`."""
         return [m for g in self.groups for m in g.members]
+
+
+class _Plan:
+    def __init__(self, group: Group, device: torch.device, dtype: torch.dtype) -> None:
+        self.group = group
+        constant = group.penalty._constant
+        per_stat = len(group.index) // max(sum(_numel(shape) for _, shape, _ in group.stats), 1)
+        assert per_stat == group.k
+        self.kinds: list[bool] = []  # per statistic: constant?
+        diff_index: list[int] = []
+        const_index: list[int] = []
+        at = 0
+        for name, shape, _ in group.stats:
+            n = group.k * _numel(shape)
+            (const_index if name in constant else diff_index).extend(group.index[at : at + n])
+            self.kinds.append(name in constant)
+            at += n
+        self.diff = torch.tensor(diff_index, dtype=torch.long, device=device) if diff_index else None
+        self.const = torch.tensor(const_index, dtype=torch.long, device=device) if const_index else None
+        sizes = [group.k * _numel(shape) for _, shape, _ in group.stats]
+        self.diff_sizes = [n for n, c in zip(sizes, self.kinds, strict=True) if not c]
+        self.const_sizes = [n for n, c in zip(sizes, self.kinds, strict=True) if c]
+        self.scales = None if group.scales is None else torch.tensor(group.scales, dtype=dtype, device=device)
+
+    def values(self, stats: Tensor, batch_scale: Tensor | None) -> Tensor:
+        group = self.group
+        diff = _gather(stats, self.diff, self.diff_sizes)
+        with torch.no_grad():
+            const = _gather(stats, self.const, self.const_sizes)
+        s: dict[str, Tensor] = {}
+        for (name, shape, read_scale), is_const in zip(group.stats, self.kinds, strict=True):
+            part = (const if is_const else diff).pop(0)
+            t = part.view(group.k, *shape) if group.batched else part.view(shape)
+            s[name] = t if read_scale == 1.0 else t * read_scale
+        if batch_scale is not None and "count" in s:
+            s[BATCH_COUNT] = s["count"] * batch_scale
+        v = group.penalty.value(s)
+        if not group.batched:
+            v = v.reshape(1).to(stats.dtype)
+        return v if self.scales is None else v * self.scales
+
+
+def _gather(stats: Tensor, index: Tensor | None, sizes: list[int]) -> list[Tensor]:
+    if index is None:
+        return []
+    flat = stats.index_select(0, index)
+    return [flat] if len(sizes) == 1 else list(flat.split(sizes))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

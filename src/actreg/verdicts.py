@@ -30,7 +30,6 @@ def header(failed: bool, rank: int, slot: int, like: Tensor) -> Tensor:
 @dataclass
 class Posted:
     step: int
-    host: Tensor  #: [failed ranks, failing rank, failing slot, ok] on the host
     event: torch.cuda.Event | None
     errors: list[str]  #: this rank's own recording errors of that step
     wire: Tensor
@@ -42,21 +41,40 @@ class Verdicts:
     def __init__(self, nonfinite: str) -> None:
         self.nonfinite = nonfinite
         self._posted: Posted | None = None
-        self._pinned: Tensor | None = None
+        # host memory the flags are copied into: [NaN marker, failed ranks, failing rank, failing
+        # slot, ok]; read back through a memoryview (pinned and filled asynchronously on a GPU)
+        self._bytes = bytearray(5 * 8)
+        self._host: Tensor | None = None
+        self._pinned = False
+        self._views: tuple[Tensor, Tensor] = (torch.empty(0), torch.empty(0))
 
     def post(self, step: int, wire: Tensor, ok: Tensor, errors: list[str]) -> None:
-        flags = torch.cat([wire.narrow(0, 1, HEADER - 1), ok.reshape(1)])
+        head, flag = self._host_views(wire)
+        cuda = wire.device.type == "cuda"
+        head.copy_(wire[:HEADER], non_blocking=cuda)
+        flag.copy_(ok, non_blocking=cuda)
         event = None
-        if flags.device.type == "cuda":
-            if self._pinned is None or self._pinned.dtype != flags.dtype:
-                self._pinned = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            self._pinned.copy_(flags, non_blocking=True)
+        if cuda:
             event = torch.cuda.Event()
             event.record()
-            host = self._pinned
-        else:
-            host = flags
-        self._posted = Posted(step, host, event, errors, wire)
+        self._posted = Posted(step, event, errors, wire)
+
+    def _host_views(self, wire: Tensor) -> tuple[Tensor, Tensor]:
+        if self._host is None or self._host.dtype != wire.dtype:
+            self._pinned = wire.device.type == "cuda"
+            if self._pinned:
+                self._host = torch.empty(HEADER + 1, dtype=wire.dtype, pin_memory=True)
+            else:
+                self._host = torch.frombuffer(self._bytes, dtype=wire.dtype, count=HEADER + 1)
+            self._views = (self._host[:HEADER], self._host[HEADER])
+        return self._views
+
+    def _read(self) -> list[float]:
+        assert self._host is not None
+        fmt = {torch.float64: "d", torch.float32: "f"}.get(self._host.dtype)
+        if self._pinned or fmt is None:
+            return self._host.tolist()  # host memory: no device synchronisation
+        return list(memoryview(self._bytes).cast(fmt)[: HEADER + 1])
 
     def check(self, who: str, describe: callable) -> None:  # type: ignore[valid-type]
         """Raise the posted step's error (on every rank alike); no-op when it went well."""
@@ -65,7 +83,7 @@ class Verdicts:
             return
         if posted.event is not None:
             posted.event.synchronize()
-        failed, rank, slot, ok = posted.host.numpy().tolist()
+        _, failed, rank, slot, ok = self._read()
         if ok:
             return
         if failed:
