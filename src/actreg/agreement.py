@@ -8,6 +8,7 @@ naming the differences, or adopt the agreed feature sizes, statistics dtype and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,6 +16,10 @@ from torch import Tensor
 from .errors import LayoutMismatchError
 from .exchange import Exchange
 from .layout import Layout, describe_differences
+
+if TYPE_CHECKING:
+    from .recording import Records
+    from .regularizer import ActivityRegularizer
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,50 @@ class Agreement:
     dims: dict[int, int]
     dtype: torch.dtype
     first_shifts: dict[int, Tensor]
+
+
+def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
+    """Before a step's exchange: agree across ranks (first call) or resolve the sizes of slots that
+    had never run (later calls, while any). Returns the exchange and whether the step communicates."""
+    ex = reg._get_exchange()
+    communicate = reg.mode.communicates and ex.world_size > 1
+    layout = reg.layout
+    if not reg._agreed:
+        agreement = agree(ex, propose(reg, records), communicate, layout)
+        for index, d in agreement.dims.items():
+            layout.set_dim(index, d)
+        reg.recorder.dtype = agreement.dtype
+        reg.shifts.first = agreement.first_shifts
+        reg._agreed = True
+    elif communicate and not layout.complete:
+        resolve_dims(ex, layout, reg.recorder.seen, reg._dtype_device(ex)[1])
+    if not communicate:
+        for index, d in reg.recorder.seen.items():
+            layout.set_dim(index, d)
+    layout.build()
+    return ex, communicate
+
+
+def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
+    """What this rank built and saw in its first step."""
+    dtype = reg.stats_dtype or torch.float32
+    for b in records.blocks.values():
+        dtype = torch.promote_types(dtype, b.dtype)
+    shifts = {
+        i: (float(records.blocks[i][0].detach()), s.detach().double().cpu().tolist())
+        for i, s in reg.shifts.local_shifts().items()
+        if i in records.blocks
+    }
+    description = {
+        "sync": reg.sync,
+        "decay": reg.decay if reg.mode.moving_average else None,
+        "grad_scale": reg.grad_scale,
+        "stats_dtype": str(reg.stats_dtype),
+        "activity_threshold": reg.activity_threshold,
+        "slots": reg.layout.describe(),
+    }
+    dims = [reg.recorder.seen.get(i) for i in range(len(reg.layout.slots))]
+    return Proposal(description, dims, str(dtype), shifts)
 
 
 def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout) -> Agreement:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .modes import SYNC_MODES
 
 if TYPE_CHECKING:
     from .demo.config import TrainConfig
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sync",
-        choices=("local", "global", "ema"),
+        choices=SYNC_MODES,
         default="global",
         help="regularizer mode of the distributed run (default global; local shows the failure)",
     )

@@ -13,11 +13,16 @@ gradient of ``value(S)`` on the concatenated global batch -- and backward issues
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .layout import HEADER, Layout
+
+if TYPE_CHECKING:
+    from .recording import Records
 
 
 def surrogate(global_stats: Tensor, local_stats: Tensor, grad_scale: float) -> Tensor:
@@ -76,6 +81,21 @@ class Exchange:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
+    def gradient_scale(self, given: float | None) -> float:
+        """``g`` of the surrogate: the group size (DDP/FSDP average gradients) unless given."""
+        return float(self.world_size) if given is None else float(given)
+
+    def buffer_device(self, recorded: torch.device | None, model: torch.nn.Module) -> torch.device:
+        """Where the step buffer lives: the backend's device (CUDA for NCCL), else the device of
+        the recorded activations, else the model's."""
+        if self._device is not None:
+            return self._device
+        if recorded is not None:
+            return recorded
+        for p in model.parameters():
+            return p.device
+        return torch.device("cpu")
+
     def device(self) -> torch.device | None:
         """The device the backend needs tensors on (CUDA for NCCL), or None for 'any'."""
         return self._device
@@ -114,3 +134,42 @@ class Exchanged(torch.autograd.Function):
         if ctx.g != 1.0:
             grad = grad * ctx.g
         return (None, None, None, None, *grad.split([ctx.header, *ctx.sizes])[1:])
+
+
+class Packer:
+    """What each rank puts on the wire: the header and every slot's block in layout order.
+
+    A slot that did not run this step contributes a cached block of zeros (no op per step), so
+    every rank always sends a buffer of the same size and order. A rank that failed to record sends
+    a header starting with NaN (every rank then sees non-finite statistics and skips the step) and
+    its rank and failing slot, so that every rank can name them.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self._zeros: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    def pack(
+        self, records: Records, rank: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[Tensor, list[Tensor]]:
+        if records.errors:
+            fields = [float("nan"), 1.0, float(rank), float(records.failed_slot)]
+            header = torch.tensor(fields, dtype=dtype, device=device)
+        else:
+            header = self._zeros_of(HEADER, dtype, device)
+        blocks = []
+        for index, size in enumerate(self.layout.block_sizes):
+            block = records.blocks.get(index)
+            if block is None or block.numel() != size:  # not run (or, on a failing rank, unusable)
+                block = self._zeros_of(size, dtype, device)
+            elif block.dtype != dtype or block.device != device:
+                block = block.to(device=device, dtype=dtype)
+            blocks.append(block)
+        return header, blocks
+
+    def _zeros_of(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (size, dtype, device)
+        zeros = self._zeros.get(key)
+        if zeros is None:
+            zeros = self._zeros[key] = torch.zeros(size, dtype=dtype, device=device)
+        return zeros

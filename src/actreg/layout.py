@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from .penalties import Penalty
+from .penalty import Penalty
 from .statistics import ELEMENTS, BlockSpec
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

@@ -43,3 +43,27 @@ def nonfinite_message(layout: Layout, order: list[tuple[int, str]], wire: Tensor
     names = [f"{layout.slots[i].name}/{label}" for i, label in order]
     bad_values = [names[i] for i, v in enumerate(values.tolist()) if v != v or abs(v) == float("inf")]
     return f"non-finite global statistics for {bad} / penalty values {bad_values}"
+
+
+def step_metrics(
+    layout: Layout,
+    order: list[tuple[int, str]],
+    values: Tensor,
+    wire: Tensor,
+    ok: bool,
+    skipped: float | None,
+) -> dict[str, float]:
+    """``ActivityRegularizer.metrics()`` of a step: penalty values (0 for a skipped step), each
+    slot's activity figures, ``total`` and (``skipped`` given) ``skipped_steps``."""
+    by_label = dict(zip(order, values.tolist(), strict=True)) if ok else {}
+    out: dict[str, float] = {}
+    for index, slot in enumerate(layout.slots):
+        for label in slot.labels:
+            out[f"{slot.name}/{label}"] = by_label.get((index, label), 0.0)
+        if layout.dims[index] is not None:
+            for key, v in activity_figures(layout, index, wire).items():
+                out[f"{slot.name}/{key}"] = v
+    out["total"] = float(values.sum()) if ok else 0.0
+    if skipped is not None:
+        out["skipped_steps"] = skipped
+    return out

@@ -1,145 +1,49 @@
-"""Activity penalties: each one declares sufficient statistics (sums over positions) and a value.
+"""The built-in activity penalties (moment penalties -- DeCov, VICReg's terms -- in ``moments``).
 
-A penalty is split in two, the way a torchmetrics ``Metric`` declares states with a reduction:
-
-* :meth:`Penalty.statistics` maps the kept positions ``x`` of one shard (a ``[m, d]`` matrix) to a
-  dict of *sums over positions* -- a count, per-unit sums, a Gram matrix, ... Sums of disjoint
-  shards add up, so the statistics of the global batch are one ``all_reduce(SUM)`` away.
-* :meth:`Penalty.value` maps (global) statistics to a scalar penalty, differentiably.
-
-Notation in the formulas: ``x`` is ``[m, d]`` (``m`` kept positions of the whole global batch, ``d``
-features), ``n = m`` the count of positions, ``mu_j = sum_i x_ij / n``.
-
-Writing your own penalty takes a few lines::
-
-    class MeanTarget(actreg.Penalty):
-        '''weight * sum_j (mean_i x_ij - target)^2'''
-
-        def __init__(self, weight: float, target: float = 0.0) -> None:
-            self.weight, self.target = weight, target
-
-        def statistic_shapes(self, d):
-            return {"sum": (d,), "count": ()}
-
-        def statistics(self, x):
-            return {"sum": x.sum(0), "count": count_of(x)}
-
-        def value(self, s):
-            mean = s["sum"] / nonzero(s["count"])
-            return self.weight * ((mean - self.target) ** 2).sum() * (s["count"] > 0)
-
-Every penalty must give ``0`` (with zero gradient, never NaN) when the count is zero.
+Each one declares sufficient statistics (sums over positions) and a value; see
+:class:`actreg.penalty.Penalty`. Built-ins also declare which primitives of the fused recording
+kernel compute their statistics (``_primitives``) and write ``value`` for statistics with a leading
+batch dimension, so that alike penalties of many layers are evaluated together.
 """
 
 from __future__ import annotations
 
-import abc
 import math
-from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .positions import position_mask, positions
+from .moments import Covariance, DeCov, VarianceFloor
+from .penalty import (
+    BATCH_COUNT,
+    Penalty,
+    Shapes,
+    Stats,
+    _full,
+    _masked,
+    _per_unit,
+    count_of,
+    nonzero,
+)
+from .positions import position_mask
 
-Shapes = dict[str, tuple[int, ...]]
-Stats = Mapping[str, Tensor]
-
-#: Key that :class:`~actreg.ActivityRegularizer` adds to the statistics passed to
-#: :meth:`Penalty.value`: the number of samples a Bessel correction should use. It equals
-#: ``count`` in ``local``/``global`` mode; in ``ema`` mode it is the bias-corrected moving average
-#: of the per-step global count (the EMA ``count`` itself is a weighted sum, not a sample size).
-BATCH_COUNT = "batch_count"
-
-
-def _full(x: Tensor, value: float) -> Tensor:
-    return torch.full((), float(value), dtype=x.dtype, device=x.device)
-
-
-def count_of(x: Tensor) -> Tensor:
-    """The number of rows of ``x`` as a 0-d tensor of ``x``'s dtype and device."""
-    return _full(x, x.shape[0])
-
-
-def nonzero(n: Tensor) -> Tensor:
-    """``n`` where it is positive, else 1: a divisor that never produces inf/NaN."""
-    return torch.where(n > 0, n, 1.0)
-
-
-def _per_unit(n: Tensor) -> Tensor:
-    """A count (``()`` or batched ``[k]``) shaped to divide per-unit statistics ``[..., d]``."""
-    return n.unsqueeze(-1)
-
-
-def _masked(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``x`` with masked-out positions set to 0 (padding may hold -inf or NaN), and the bool mask.
-
-    Masks select with ``where``, never by indexing: shapes do not depend on data.
-    """
-    keep = position_mask(x, mask)
-    if keep is None:
-        return x, None
-    return torch.where(keep.unsqueeze(-1), x, 0.0), keep
-
-
-class Penalty(abc.ABC):
-    """Base class of activity penalties.
-
-    Subclasses set their hyperparameters as attributes in ``__init__`` (they appear in ``repr``
-    and in the layout fingerprint that all ranks must agree on) and implement
-    :meth:`statistic_shapes`, :meth:`statistics` and :meth:`value`. Penalties that need the
-    structure of the activation (e.g. a time axis) override :meth:`record` instead of
-    :meth:`statistics`.
-
-    Shift-invariant penalties (variances, covariances) set :attr:`centered` to name their first
-    and second moment statistics; they then receive ``x - c`` for a shift ``c`` identical on all
-    ranks (see :mod:`actreg.centering`), which keeps float32 moments accurate when
-    ``|mean| >> std``. Leave it empty for anything else.
-    """
-
-    #: statistic name -> ``"first"`` | ``"square"`` | ``"outer"`` for shift-invariant penalties
-    centered: ClassVar[dict[str, str]] = {}
-    #: built-ins only: statistic name -> primitive of the fused kernel (:mod:`actreg.statistics`)
-    #: that computes it; penalties that leave it empty record through :meth:`record`
-    _primitives: ClassVar[dict[str, str]] = {}
-    #: built-ins only: ``value`` accepts statistics with a leading batch dimension (one row per
-    #: slot) and is linear in the attribute named by ``_scale``, so slots are evaluated together
-    _batchable: ClassVar[bool] = False
-    _scale: ClassVar[str] = "weight"
-    #: statistics no gradient flows through (counts, top-k assignments): read without autograd
-    _constant: ClassVar[frozenset[str]] = frozenset({"count", "elements"})
-
-    @property
-    def name(self) -> str:
-        """Short name used in metric keys, e.g. ``"L1"``."""
-        return type(self).__name__
-
-    @abc.abstractmethod
-    def statistic_shapes(self, d: int) -> Shapes:
-        """Shapes of the statistics for activations with ``d`` features (fixed once ``d`` is)."""
-
-    def statistics(self, x: Tensor) -> dict[str, Tensor]:
-        """Sums over the rows of ``x`` (``[m, d]``, already masked, float32 or wider)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement statistics() or record()")
-
-    def record(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
-        """Statistics of one activation ``[..., d]``; positions where ``mask`` is False are dropped."""
-        return self.statistics(positions(x, mask))
-
-    @abc.abstractmethod
-    def value(self, stats: Stats) -> Tensor:
-        """The scalar penalty of (global or moving-average) statistics."""
-
-    def check_features(self, d: int) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Raise ``ValueError`` if activations with ``d`` features are not valid input."""
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return dict(sorted(vars(self).items()))
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
-        return f"{type(self).__name__}({args})"
+__all__ = [
+    "AR",
+    "BATCH_COUNT",
+    "L1",
+    "L2",
+    "TAR",
+    "Covariance",
+    "DeCov",
+    "KLSparsity",
+    "LoadBalance",
+    "Penalty",
+    "VarianceFloor",
+    "ZLoss",
+    "count_of",
+    "nonzero",
+]
 
 
 class L1(Penalty):
@@ -275,104 +179,6 @@ class KLSparsity(Penalty):
         p = self.target
         kl = p * (math.log(p) - torch.log(rho_hat)) + (1 - p) * (math.log(1 - p) - torch.log1p(-rho_hat))
         return torch.where(n > 0, self.weight * kl.sum(-1), 0.0)
-
-
-def _biased_covariance(stats: Stats) -> Tensor:
-    n = nonzero(stats["count"])
-    mean = stats["sum"] / _per_unit(n)
-    return stats["outer"] / n[..., None, None] - mean.unsqueeze(-1) * mean.unsqueeze(-2)
-
-
-def _off_diagonal_squares(c: Tensor) -> Tensor:
-    """``sum_{i != j} c_ij^2`` over the last two dimensions."""
-    return c.square().sum((-2, -1)) - torch.diagonal(c, dim1=-2, dim2=-1).square().sum(-1)
-
-
-def _bessel(stats: Stats) -> tuple[Tensor, Tensor]:
-    """Factor n/(n-1) of the unbiased estimate, and whether it is defined (n > 1)."""
-    nb = stats.get(BATCH_COUNT, stats["count"])
-    defined = nb > 1
-    return torch.where(defined, nb / torch.where(defined, nb - 1, 1.0), 0.0), defined
-
-
-class DeCov(Penalty):
-    """DeCov (Cogswell et al., 2016): ``weight * 0.5 * (||C||_F^2 - ||diag C||^2)``.
-
-    ``C = sum_i x_i x_i^T / n - mu mu^T`` is the biased covariance of the features.
-    """
-
-    centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
-    _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "outer": "couter", "count": "count"}
-    _batchable = True
-
-    def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
-
-    def statistic_shapes(self, d: int) -> Shapes:
-        return {"sum": (d,), "outer": (d, d), "count": ()}
-
-    def statistics(self, x: Tensor) -> dict[str, Tensor]:
-        return {"sum": x.sum(0), "outer": x.T @ x, "count": count_of(x)}
-
-    def value(self, stats: Stats) -> Tensor:
-        return self.weight * 0.5 * _off_diagonal_squares(_biased_covariance(stats))
-
-
-class VarianceFloor(Penalty):
-    """VICReg variance term: ``weight * mean_j relu(gamma - sqrt(var_j + eps))``.
-
-    ``var_j`` is the unbiased variance ``(sum_i x_ij^2 - n mu_j^2) / (n - 1)``; with ``n <= 1`` it is
-    undefined and the penalty is 0.
-    """
-
-    centered: ClassVar[dict[str, str]] = {"sum": "first", "sq_sum": "square"}
-    _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "sq_sum": "csq", "count": "count"}
-    _batchable = True
-
-    def __init__(self, weight: float, gamma: float = 1.0, eps: float = 1e-4) -> None:
-        self.weight = float(weight)
-        self.gamma = float(gamma)
-        self.eps = float(eps)
-
-    def statistic_shapes(self, d: int) -> Shapes:
-        return {"sum": (d,), "sq_sum": (d,), "count": ()}
-
-    def statistics(self, x: Tensor) -> dict[str, Tensor]:
-        return {"sum": x.sum(0), "sq_sum": x.pow(2).sum(0), "count": count_of(x)}
-
-    def value(self, stats: Stats) -> Tensor:
-        n = _per_unit(nonzero(stats["count"]))
-        mean = stats["sum"] / n
-        factor, defined = _bessel(stats)
-        var = (stats["sq_sum"] / n - mean.square()) * _per_unit(factor)
-        hinge = torch.relu(self.gamma - torch.sqrt(var.clamp_min(0) + self.eps)).mean(-1)
-        return torch.where(defined, self.weight * hinge, 0.0)
-
-
-class Covariance(Penalty):
-    """VICReg covariance term: ``weight * sum_{i != j} C_ij^2 / d``.
-
-    ``C = (sum_i x_i x_i^T - n mu mu^T) / (n - 1)`` is the unbiased covariance; 0 when ``n <= 1``.
-    """
-
-    centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
-    _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "outer": "couter", "count": "count"}
-    _batchable = True
-
-    def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
-
-    def statistic_shapes(self, d: int) -> Shapes:
-        return {"sum": (d,), "outer": (d, d), "count": ()}
-
-    def statistics(self, x: Tensor) -> dict[str, Tensor]:
-        return {"sum": x.sum(0), "outer": x.T @ x, "count": count_of(x)}
-
-    def value(self, stats: Stats) -> Tensor:
-        factor, defined = _bessel(stats)
-        cov = _biased_covariance(stats) * factor[..., None, None]
-        off = _off_diagonal_squares(cov)
-        return torch.where(defined, self.weight * off / cov.shape[-1], 0.0)
 
 
 class LoadBalance(Penalty):

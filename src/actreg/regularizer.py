@@ -9,18 +9,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .agreement import Agreement, Proposal, agree, resolve_dims
-from .ema import MovingAverage
-from .exchange import Exchange, Exchanged
+from .agreement import settle
+from .ema import MovingAverage, check_state
+from .exchange import Exchange, Exchanged, Packer
 from .layout import Layout
-from .metrics import activity_figures, nonfinite_message
+from .metrics import nonfinite_message, step_metrics
 from .modes import mode
-from .penalties import Penalty
-from .recording import Recorder, Records
+from .penalty import Penalty
+from .recording import Recorder
 from .shifts import Shifts
 from .slots import build_slots, named_modules, unwrap
 from .values import Evaluator, build_groups
-from .verdicts import Verdicts, header
+from .verdicts import Verdicts
 
 
 class ActivityRegularizer:
@@ -101,8 +101,7 @@ class ActivityRegularizer:
         self._exchange: Exchange | None = None
         self._agreed = False
         self._evaluator: tuple[int, Evaluator] | None = None
-        self._zeros: dict[tuple[int, int], Tensor] = {}
-        self._header: Tensor | None = None
+        self.packer = Packer(self.layout)
         self._steps = 0
         self._skipped: Tensor | None = None
         self._last: tuple[Tensor, Tensor] | None = None  # (reduced buffer, step went well)
@@ -112,7 +111,6 @@ class ActivityRegularizer:
         """Names of the regularized slots (modules, then observed names), in buffer order."""
         return [s.name for s in self.layout.slots]
 
-    # ------------------------------------------------------------------ recording
     def observe(self, name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
         """Record ``tensor`` (``[..., d]``) for the penalties registered under ``name``.
 
@@ -138,7 +136,6 @@ class ActivityRegularizer:
         with self.recorder.mask(mask, modules):
             yield
 
-    # ------------------------------------------------------------------ the step
     def loss(self) -> Tensor:
         """Total penalty of the statistics recorded since the last call (one collective).
 
@@ -147,42 +144,38 @@ class ActivityRegularizer:
         that all ranks built the same layout). Backward issues none. It first raises, on every
         rank, what the previous step decided (see :meth:`check`).
         """
-        self.check()
-        ex = self._get_exchange()
-        communicate = self.mode.communicates and ex.world_size > 1
-        records = self.recorder.take()
-        self._settle_layout(ex, communicate, records)
-        device = self._device(ex)
-        dtype = self.recorder.dtype
-        assert dtype is not None
-        used = self.shifts.common(records.blocks, communicate)
-        blocks = [self._block(records, i, dtype, device) for i in range(len(self.layout.slots))]
-        g = (
-            (float(ex.world_size) if self.grad_scale is None else float(self.grad_scale))
-            if communicate
-            else 1.0
-        )
-        wire = Exchanged.apply(ex, communicate, g, self._header_for(records, ex, dtype, device), *blocks)
+        self.check()  # raise what the previous step decided, on every rank alike
+        records = self.recorder.take()  # this step's records
+        ex, communicate = settle(self, records)  # (first step) agree across ranks
+        used = self.shifts.common(records.blocks, communicate)  # one centring shift per slot
+        dtype, device = self._dtype_device(ex)
+        g = ex.gradient_scale(self.grad_scale) if communicate else 1.0
+        header, blocks = self.packer.pack(records, ex.rank, dtype, device)  # pack
+        wire = Exchanged.apply(ex, communicate, g, header, *blocks)  # one collective; surrogate
 
         ok = torch.isfinite(wire).all()  # also False when a rank failed to record (NaN header)
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
         total = self._values(dtype, device).total(torch.where(ok, stats, 0.0), batch_scale)
-        ok = ok & torch.isfinite(total)
+        ok = ok & torch.isfinite(total)  # decisions: a failed step's penalty and gradient are 0
         total = torch.where(ok, total, 0.0)
+        self._commit(wire.detach(), stats, used, ok, records.errors)
+        return total
 
+    def _commit(
+        self, wire: Tensor, stats: Tensor, used: dict[int, Tensor], ok: Tensor, errors: list[str]
+    ) -> None:
+        """After the step: moving average, next shifts, the decision posted for the next call."""
         with torch.no_grad():
             if self.mode.moving_average:
                 self.ema.commit(stats, ok)
-            wire = wire.detach()
             old = self.shifts.update(wire, used, ok)
             if self.mode.moving_average and old is not None:
                 self.ema.recenter(self.shifts.delta(old), sorted(used))
             self._steps += 1
-            self.verdicts.post(self._steps, wire, ok, records.errors)
+            self.verdicts.post(self._steps, wire, ok, errors)
             if self.nonfinite == "skip":
                 self._skipped = ~ok if self._skipped is None else self._skipped + ~ok
         self._last = (wire, ok)
-        return total
 
     def check(self) -> None:
         """Raise, on every rank, what the last :meth:`loss` decided on the device.
@@ -195,63 +188,6 @@ class ActivityRegularizer:
         ex = self._get_exchange()
         self.verdicts.check(ex.who, self._describe)
 
-    def _settle_layout(self, ex: Exchange, communicate: bool, records: Records) -> None:
-        """First call: agree across ranks. Later: resolve sizes of slots that had never run."""
-        layout = self.layout
-        if not self._agreed:
-            self._adopt(agree(ex, self._proposal(records), communicate, layout))
-        elif communicate and not layout.complete:
-            resolve_dims(ex, layout, self.recorder.seen, self._device(ex))
-        if not communicate:
-            for index, d in self.recorder.seen.items():
-                layout.set_dim(index, d)
-        layout.build()
-
-    def _proposal(self, records: Records) -> Proposal:
-        dtype = self.stats_dtype or torch.float32
-        for b in records.blocks.values():
-            dtype = torch.promote_types(dtype, b.dtype)
-        shifts = {
-            i: (float(records.blocks[i][0].detach()), s.detach().double().cpu().tolist())
-            for i, s in self.shifts.local_shifts().items()
-            if i in records.blocks
-        }
-        description = {
-            "sync": self.sync,
-            "decay": self.decay if self.mode.moving_average else None,
-            "grad_scale": self.grad_scale,
-            "stats_dtype": str(self.stats_dtype),
-            "activity_threshold": self.activity_threshold,
-            "slots": self.layout.describe(),
-        }
-        dims = [self.recorder.seen.get(i) for i in range(len(self.layout.slots))]
-        return Proposal(description, dims, str(dtype), shifts)
-
-    def _adopt(self, agreement: Agreement) -> None:
-        for index, d in agreement.dims.items():
-            self.layout.set_dim(index, d)
-        self.recorder.dtype = agreement.dtype
-        self.shifts.first = agreement.first_shifts
-        self._agreed = True
-
-    def _block(self, records: Records, index: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        size = self.layout.block_sizes[index]
-        block = records.blocks.get(index)
-        if block is None or block.numel() != size:  # not run (or, on a failing rank, not usable)
-            key = (size, id(dtype))
-            zeros = self._zeros.get(key)
-            if zeros is None or zeros.device != device:
-                zeros = self._zeros[key] = torch.zeros(size, dtype=dtype, device=device)
-            return zeros
-        if block.dtype != dtype or block.device != device:
-            block = block.to(device=device, dtype=dtype)
-        return block
-
-    def _header_for(self, records: Records, ex: Exchange, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if self._header is None or self._header.dtype != dtype or self._header.device != device:
-            self._header = torch.zeros(4, dtype=dtype, device=device)
-        return header(bool(records.errors), ex.rank, records.failed_slot, self._header)
-
     def _values(self, dtype: torch.dtype, device: torch.device) -> Evaluator:
         if self._evaluator is None or self._evaluator[0] != self.layout.version:
             self._evaluator = (self.layout.version, Evaluator(build_groups(self.layout), device, dtype))
@@ -262,15 +198,9 @@ class ActivityRegularizer:
             self._exchange = Exchange(self.process_group)
         return self._exchange
 
-    def _device(self, ex: Exchange) -> torch.device:
-        wanted = ex.device()
-        if wanted is not None:
-            return wanted
-        if self.recorder.device is not None:
-            return self.recorder.device
-        for p in self._root.parameters():
-            return p.device
-        return torch.device("cpu")
+    def _dtype_device(self, ex: Exchange) -> tuple[torch.dtype, torch.device]:
+        """The statistics dtype (agreed) and the device of the step buffer."""
+        return self.recorder.dtype or torch.float32, ex.buffer_device(self.recorder.device, self._root)
 
     def _describe(self, what: str, detail: Any) -> str:
         if what == "slot":
@@ -278,7 +208,6 @@ class ActivityRegularizer:
         order, values = self._current_values(detail)
         return nonfinite_message(self.layout, order, detail, values)
 
-    # ------------------------------------------------------------------ observability
     def metrics(self) -> dict[str, float]:
         """Figures of the last :meth:`loss` call, from its collective (no extra communication).
 
@@ -293,19 +222,8 @@ class ActivityRegularizer:
             return {}
         wire, ok = self._last
         order, values = self._current_values(wire)
-        keep = bool(ok)
-        by_label = dict(zip(order, values.tolist(), strict=True)) if keep else {}
-        out: dict[str, float] = {}
-        for index, slot in enumerate(self.layout.slots):
-            for label in slot.labels:
-                out[f"{slot.name}/{label}"] = by_label.get((index, label), 0.0)
-            if self.layout.dims[index] is not None:
-                for key, v in activity_figures(self.layout, index, wire).items():
-                    out[f"{slot.name}/{key}"] = v
-        out["total"] = float(values.sum()) if keep else 0.0
-        if self.nonfinite == "skip":
-            out["skipped_steps"] = float(self._skipped) if self._skipped is not None else 0.0
-        return out
+        skipped = None if self.nonfinite != "skip" else 0.0 if self._skipped is None else float(self._skipped)
+        return step_metrics(self.layout, order, values, wire, bool(ok), skipped)
 
     def _current_values(self, wire: Tensor) -> tuple[list[tuple[int, str]], Tensor]:
         """Penalty values of the last step (recomputed from its statistics, not kept by the step)."""
@@ -317,7 +235,6 @@ class ActivityRegularizer:
                 values = evaluator.values(wire, None)
         return evaluator.order(), values
 
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """State (identical on every rank): ``{"version", "sync", "decay", "step", "ema", "shift"}``.
 
@@ -337,24 +254,11 @@ class ActivityRegularizer:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (saved at any world size)."""
-        if state_dict.get("version") != 1:
-            raise ValueError(f"unsupported actreg state version {state_dict.get('version')!r}")
-        known = {s.name: set(s.labels) for s in self.layout.slots}
-        for slot, per_label in state_dict["ema"].items():
-            for label in per_label:
-                if label not in known.get(slot, set()):
-                    raise ValueError(
-                        f"state has EMA statistics for {slot}/{label}, which this regularizer does "
-                        f"not have (slots: {sorted(known)})"
-                    )
-        for slot in state_dict.get("shift", {}):
-            if slot not in known:
-                raise ValueError(f"state has a shift for {slot!r}, which this regularizer does not have")
+        check_state(self.layout, state_dict)
         steps = int(state_dict["step"])
         self.ema.load(state_dict["ema"], steps)
         self.shifts.load(dict(state_dict.get("shift", {})))
 
-    # ------------------------------------------------------------------ lifetime
     def remove(self) -> None:
         """Remove every hook; recorded but unused statistics are dropped."""
         self.recorder.remove()

@@ -80,8 +80,10 @@ class Shifts:
         if not used:
             return None
         order = sorted(used)
-        if self._flat is not None and order == self._order and all(
-            used[i] is self.current.get(i) for i in order
+        if (
+            self._flat is not None
+            and order == self._order
+            and all(used[i] is self.current.get(i) for i in order)
         ):
             old = self._flat
         else:

@@ -10,7 +10,7 @@ from torch import nn
 
 from .centering import check_centered
 from .layout import Slot, unique_labels
-from .penalties import Penalty
+from .penalty import Penalty
 
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 

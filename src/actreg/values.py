@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .layout import Layout, Where
-from .penalties import BATCH_COUNT, Penalty
+from .penalty import BATCH_COUNT, Penalty
 
 
 @dataclass

@@ -21,12 +21,6 @@ from .errors import NonFiniteStatisticError, RecordingError
 from .layout import HEADER
 
 
-def header(failed: bool, rank: int, slot: int, like: Tensor) -> Tensor:
-    if not failed:
-        return like
-    return torch.tensor([float("nan"), 1.0, float(rank), float(slot)], dtype=like.dtype, device=like.device)
-
-
 @dataclass
 class Posted:
     step: int

@@ -18,12 +18,14 @@ from pathlib import Path
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from actreg.modes import SYNC_MODES
+
 from . import report
 from .config import SYNC_CHOICES, add_train_arguments, config_from_args
 from .data import load_digits_split
 from .train import RunResult, init_distributed, run_training, shutdown_distributed
 
-DEFAULT_MODES = ("none", "local", "global", "ema")
+DEFAULT_MODES = ("none", *SYNC_MODES)
 
 
 def parse_modes(text: str) -> list[str]:

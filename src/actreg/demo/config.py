@@ -28,6 +28,7 @@ from typing import Any
 
 import actreg
 from actreg import Penalty
+from actreg.modes import SYNC_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -53,7 +54,7 @@ PENALTY_CLASSES: dict[str, type[Penalty]] = {
 
 #: ``--sync`` choices: the three modes of :class:`actreg.ActivityRegularizer`, and ``none`` (no
 #: penalty in the loss; the penalties are still measured, for comparison).
-SYNC_CHOICES = ("none", "local", "global", "ema")
+SYNC_CHOICES = ("none", *SYNC_MODES)  # "none": train without actreg
 BACKEND_CHOICES = ("auto", "gloo", "nccl")
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 import actreg
+from actreg.modes import SYNC_MODES
 
 from .data import shard_bounds
 
@@ -340,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m actreg.demo.verify", description=__doc__)
     parser.add_argument("--worker", dest="target", required=True, help="MODULE:FACTORY")
     parser.add_argument("--result", required=True, help="where rank 0 writes the gradients")
-    parser.add_argument("--sync", choices=("local", "global", "ema"), default="global")
+    parser.add_argument("--sync", choices=SYNC_MODES, default="global")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
     parser.add_argument("--task-loss", choices=("auto", "none", "ce"), default="auto")
     parser.add_argument("--decay", type=float, default=0.99)
