@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import ProfilerActivity, profile
 
 import actreg
-from problem import CASES, DECAY, LR, STEPS, batch, make_model, shard_bounds
+from problem import CASES, DECAY, GLOBAL_BATCH, IN_FEATURES, LR, STEPS, batch, make_model, shard_bounds
 
 
 def make_penalty(name: str) -> actreg.Penalty:
@@ -303,3 +303,81 @@ def fsdp2(rank: int, world_size: int, names: list[str]) -> dict[str, Any] | str:
         }
         reg.remove()
     return out
+
+
+def hot_path_reads(rank: int, world_size: int, syncs: list[str]) -> dict[str, dict[str, Any]]:
+    """test_hot_path: DDP training with every built-in penalty and a padding mask, uneven shards.
+
+    After two warm-up steps, two steps run under ``host_reads_raise(raising=False)`` (log only: a rank
+    that raised would leave the other waiting in the collective) and one under the profiler (profiling
+    a DDP step costs about a second on 2 cores). Returns per sync mode the logged reads, the reading ops
+    and the metrics of the last step.
+    """
+    from test_hot_path import batches, host_reads_raise, make_trainer, profiled
+
+    start, stop = shard_bounds(rank, world_size)
+    out: dict[str, dict[str, Any]] = {}
+    for sync in syncs:
+        t = make_trainer(sync, wrap=DDP)
+        data = [(x.narrow(0, start, stop - start), m.narrow(0, start, stop - start)) for x, m in batches(5)]
+        for x, mask in data[:2]:
+            t.step(x, mask)
+        with host_reads_raise(raising=False) as log:
+            for x, mask in data[2:4]:
+                t.step(x, mask)
+        with profiled() as ops:
+            t.step(*data[4])
+        out[sync] = {"log": list(log), "ops": list(ops), "metrics": t.reg.metrics()}
+    return out
+
+
+WIDE = 48  #: features of the wide layer: the Gram (48 x 48) is larger than the rows of all ranks
+
+
+def make_wide_model() -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(IN_FEATURES, WIDE), nn.Tanh()).double()
+
+
+def wide_batch(step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(GLOBAL_BATCH, IN_FEATURES, generator=g, dtype=torch.float64) + 0.5
+
+
+def gram_rows(rank: int, world_size: int, sync: str, steps: int = 3, grow: bool = False) -> dict[str, Any]:
+    """DeCov + Covariance on a 48-wide layer: rows are exchanged instead of Grams after step 1.
+
+    Returns per step the loss, the gradients (DDP-averaged) and the size of the collective.
+    With ``grow``, rank 0 records more positions in step 2 than in step 1 (more than the capacity).
+    """
+    model = make_wide_model()
+    net = DDP(model)
+    reg = actreg.ActivityRegularizer(
+        net, {"1": [actreg.DeCov(weight=9.0), actreg.Covariance(weight=7.0)]}, sync=sync, decay=DECAY
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    start, stop = shard_bounds(rank, world_size)
+    out: dict[str, Any] = {"loss": [], "grads": [], "sizes": [], "error": None}
+    real_sum = reg._get_exchange().sum_  # counts the elements of the step's collective
+    for step in range(steps):
+        x = wide_batch(step)[start:stop]
+        if grow and step == 1 and rank == 0:
+            x = torch.cat([x, x])
+        opt.zero_grad()
+        try:
+            y = net(x)
+            sent: list[int] = []
+            reg._get_exchange().sum_ = lambda t, sent=sent: (sent.append(t.numel()), real_sum(t))[1]
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                loss = reg.loss()
+        except actreg.RecordingError as err:
+            out["error"] = str(err)
+            break
+        (loss + 0.0 * y.sum()).backward()
+        collectives = [e.name for e in prof.events() if e.name.startswith("c10d::")]
+        out["sizes"].append({"sent": sent, "collectives": collectives})
+        out["loss"].append(loss.item())
+        out["grads"].append(_grads(model))
+        opt.step()
+    return out
+

@@ -28,6 +28,7 @@ class Proposal:
     dims: list[int | None]  #: feature size each slot was recorded with on this rank
     dtype: str  #: statistics dtype this rank would use
     shifts: dict[int, tuple[float, list[float]]] = field(default_factory=dict)  #: (count, own shift)
+    positions: dict[int, int] = field(default_factory=dict)  #: rows recorded per slot (masked too)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Agreement:
     dims: dict[int, int]
     dtype: torch.dtype
     first_shifts: dict[int, Tensor]
+    rows: dict[int, int]  #: slots whose Gram matrix travels as rows -> rows per rank
 
 
 def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
@@ -50,6 +52,7 @@ def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
         reg.recorder.dtype = agreement.dtype
         reg.shifts.first = agreement.first_shifts
         reg._agreed = True
+        reg._next_rows = agreement.rows  # from the next step on: this step was recorded with Grams
     elif communicate and not layout.complete:
         resolve_dims(ex, layout, reg.recorder.seen, reg._dtype_device(ex)[1])
     if not communicate:
@@ -78,7 +81,7 @@ def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
         "slots": reg.layout.describe(),
     }
     dims = [reg.recorder.seen.get(i) for i in range(len(reg.layout.slots))]
-    return Proposal(description, dims, str(dtype), shifts)
+    return Proposal(description, dims, str(dtype), shifts, dict(records.positions))
 
 
 def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout) -> Agreement:
@@ -116,7 +119,24 @@ def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout)
         if total > 0 and all(len(c) == dims.get(i) for _, c in entries):
             weighted = sum(n * torch.tensor(c, dtype=torch.float64) for n, c in entries) / total
             first[i] = weighted.to(dtype)  # type: ignore[union-attr]
-    return Agreement(dims, dtype, first)
+    return Agreement(dims, dtype, first, _rows(everyone, dims, layout) if communicate else {})
+
+
+def _rows(everyone: list[Proposal], dims: dict[int, int], layout: Layout) -> dict[int, int]:
+    """Slots whose ``d x d`` Gram is larger than the rows of all ranks: exchange rows instead.
+
+    The capacity is the largest number of positions any rank recorded in this (first) step.
+    """
+    out = {}
+    world = len(everyone)
+    for index, slot in enumerate(layout.slots):
+        d = dims.get(index)
+        if d is None or "couter" not in slot.spec(d, layout.threshold).wanted:
+            continue
+        capacity = max(p.positions.get(index, 0) for p in everyone)
+        if 0 < capacity and world * capacity * d < d * d:
+            out[index] = capacity
+    return out
 
 
 def resolve_dims(exchange: Exchange, layout: Layout, seen: dict[int, int], device: torch.device) -> None:

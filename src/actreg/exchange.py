@@ -13,6 +13,7 @@ gradient of ``value(S)`` on the concatenated global batch -- and backward issues
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -109,31 +110,136 @@ class Exchange:
         return None
 
 
+@dataclass(frozen=True)
+class Rows:
+    """A slot whose Gram matrix travels as rows: its block holds ``capacity`` rows of ``d``
+    centred features at ``offset`` instead of the ``d * d`` Gram."""
+
+    offset: int
+    capacity: int
+    d: int
+
+
+def rows_plan(layout: Layout) -> list[Rows | None] | None:
+    """Per slot, where its rows sit in its recorded block (None: no slot exchanges rows)."""
+    if not layout.rows:
+        return None
+    plan: list[Rows | None] = []
+    for index in range(len(layout.slots)):
+        d, capacity = layout.dims[index], layout.rows.get(index, 0)
+        if d is None or not capacity:
+            plan.append(None)
+            continue
+        spec = layout.record_spec(index, d)
+        plan.append(Rows(spec.offsets["couter"], capacity, d))
+    return plan
+
+
 class Exchanged(torch.autograd.Function):
-    """``wire = Exchanged.apply(exchange, communicate, g, header, *blocks)``.
+    """``stats = Exchanged.apply(exchange, communicate, g, plan, header, *blocks)``.
 
     Forward: one ``cat`` of the header and every slot's block, and (``communicate``) one
     ``all_reduce(SUM)`` of it: the global sums ``S``. Backward: the surrogate's gradient ``g * grad``
     for each block, handed out by one ``split`` -- no slicing of a differentiable buffer field by
     field, no collective.
+
+    Gram matrices at large ``d``: when a slot's ``W * rows * d`` is smaller than its ``d * d`` Gram
+    (``plan``), each rank writes its centred rows into its own region of a ``W * rows * d`` area of
+    the same buffer (zeros elsewhere), so the one ``all_reduce`` gathers every rank's rows; every
+    rank then forms the global Gram ``R^T R`` itself. The gradient of a rank's own Gram
+    ``R_w^T R_w`` is ``R_w (G + G^T)``, computed here from the gathered rows: exact either way.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, exchange: Exchange, communicate: bool, g: float, header: Tensor, *blocks: Tensor
+        ctx: Any,
+        exchange: Exchange,
+        communicate: bool,
+        g: float,
+        plan: list[Rows | None] | None,
+        header: Tensor,
+        *blocks: Tensor,
     ) -> Tensor:
-        wire = torch.cat([header, *blocks])
+        ctx.g, ctx.header, ctx.plan = g, header.numel(), plan
+        ctx.sizes = [b.numel() for b in blocks]
+        if plan is None:
+            wire = torch.cat([header, *blocks])
+            if communicate:
+                exchange.sum_(wire)
+            return wire
+        world, rank = (exchange.world_size, exchange.rank) if communicate else (1, 0)
+        wire = torch.cat([header, *_spread(blocks, plan, world, rank)])
         if communicate:
             exchange.sum_(wire)
-        ctx.g, ctx.header = g, header.numel()
-        ctx.sizes = [b.numel() for b in blocks]
-        return wire
+        stats, own = _gram_from_rows(wire, header.numel(), blocks, plan, world, rank)
+        ctx.save_for_backward(*own)
+        return stats
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         if ctx.g != 1.0:
             grad = grad * ctx.g
-        return (None, None, None, None, *grad.split([ctx.header, *ctx.sizes])[1:])
+        if ctx.plan is None:
+            return (None, None, None, None, None, *grad.split([ctx.header, *ctx.sizes])[1:])
+        own = list(ctx.saved_tensors)
+        grads, at = [], ctx.header
+        for size, rows in zip(ctx.sizes, ctx.plan, strict=True):
+            if rows is None:
+                grads.append(grad.narrow(0, at, size))
+                at += size
+                continue
+            d, tail = rows.d, size - rows.offset - rows.capacity * rows.d
+            gram = grad.narrow(0, at + rows.offset, d * d).view(d, d)
+            r = own.pop(0)
+            grads.append(
+                torch.cat(
+                    [
+                        grad.narrow(0, at, rows.offset),
+                        (r @ (gram + gram.mT)).reshape(-1),
+                        grad.narrow(0, at + rows.offset + d * d, tail),
+                    ]
+                )
+            )
+            at += rows.offset + d * d + tail
+        return (None, None, None, None, None, *grads)
+
+
+def _spread(blocks: tuple[Tensor, ...], plan: list[Rows | None], world: int, rank: int) -> list[Tensor]:
+    """The blocks as sent: each rank's rows in its own region of a ``world``-times larger area."""
+    pieces: list[Tensor] = []
+    for block, rows in zip(blocks, plan, strict=True):
+        if rows is None:
+            pieces.append(block)
+            continue
+        area = rows.capacity * rows.d
+        pieces.append(block.narrow(0, 0, rows.offset))
+        pieces.append(block.new_zeros(rank * area))
+        pieces.append(block.narrow(0, rows.offset, area))
+        pieces.append(block.new_zeros((world - 1 - rank) * area))
+        pieces.append(block.narrow(0, rows.offset + area, block.numel() - rows.offset - area))
+    return pieces
+
+
+def _gram_from_rows(
+    wire: Tensor, head: int, blocks: tuple[Tensor, ...], plan: list[Rows | None], world: int, rank: int
+) -> tuple[Tensor, list[Tensor]]:
+    """The reduced statistics with every gathered row area replaced by its Gram matrix, and each
+    such slot's own rows (for the backward)."""
+    out, own, at = [wire.narrow(0, 0, head)], [], head
+    for block, rows in zip(blocks, plan, strict=True):
+        if rows is None:
+            out.append(wire.narrow(0, at, block.numel()))
+            at += block.numel()
+            continue
+        area = rows.capacity * rows.d
+        tail = block.numel() - rows.offset - area
+        out.append(wire.narrow(0, at, rows.offset))
+        gathered = wire.narrow(0, at + rows.offset, world * area).view(world * rows.capacity, rows.d)
+        out.append((gathered.mT @ gathered).reshape(-1))
+        own.append(gathered.narrow(0, rank * rows.capacity, rows.capacity))
+        out.append(wire.narrow(0, at + rows.offset + world * area, tail))
+        at += rows.offset + world * area + tail
+    return torch.cat(out), own
 
 
 class Packer:
@@ -158,7 +264,8 @@ class Packer:
         else:
             header = self._zeros_of(HEADER, dtype, device)
         blocks = []
-        for index, size in enumerate(self.layout.block_sizes):
+        for index in range(len(self.layout.slots)):
+            size = self.layout.record_size(index)
             block = records.blocks.get(index)
             if block is None or block.numel() != size:  # not run (or, on a failing rank, unusable)
                 block = self._zeros_of(size, dtype, device)

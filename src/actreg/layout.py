@@ -41,7 +41,7 @@ class Slot:
         # memory addresses (a function stored in a custom penalty) differ between processes
         return (self.name, self.from_module, tuple(_ADDRESS.sub("", repr(p)) for p in self.penalties))
 
-    def spec(self, d: int, threshold: float) -> BlockSpec:
+    def spec(self, d: int, threshold: float, rows: int = 0) -> BlockSpec:
         """The fused primitives this slot records for ``d`` features."""
         wanted: set[str] = set()
         differentiated: set[str] = set()
@@ -54,7 +54,7 @@ class Slot:
         if (wanted & {"csq", "couter"} or custom_centred) and "csum" not in wanted:
             wanted.add("csum")  # the slot's shift is its global mean: needs the centred sum
         optional = frozenset(wanted - {"count", "abs_sum", "sq_sum"})
-        return BlockSpec(d, optional, frozenset(differentiated), threshold)
+        return BlockSpec(d, optional, frozenset(differentiated), threshold, rows if "couter" in wanted else 0)
 
     def own_records(self) -> Iterator[tuple[str, Penalty]]:
         """Penalties that record their own statistics (no fused primitives), with their labels."""
@@ -97,6 +97,8 @@ class Layout:
         self.slots = list(slots)
         self.threshold = threshold
         self.dims: list[int | None] = [None] * len(self.slots)
+        #: slots whose Gram matrix is exchanged as rows: slot index -> rows per rank (see `exchange`)
+        self.rows: dict[int, int] = {}
         self.specs: list[BlockSpec | None] = []
         self.offsets: list[int] = []  #: start of each slot's block
         self.block_sizes: list[int] = []
@@ -135,6 +137,17 @@ class Layout:
         self.size, self._built_for = offset, dims
         self.version += 1
         return True
+
+    def record_spec(self, index: int, d: int) -> BlockSpec:
+        """What a recording of slot ``index`` computes (rows in place of the Gram in rows mode)."""
+        return self.slots[index].spec(d, self.threshold, self.rows.get(index, 0))
+
+    def record_size(self, index: int) -> int:
+        """Size of the block a rank records for slot ``index`` (0 while its size is unknown)."""
+        d = self.dims[index]
+        if d is None:
+            return 0
+        return self.record_spec(index, d).size + self._own_size(self.slots[index], d)
 
     @staticmethod
     def _own_size(slot: Slot, d: int) -> int:

@@ -32,6 +32,7 @@ class Records:
     blocks: dict[int, Tensor] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     failed_slot: int = -1
+    positions: dict[int, int] = field(default_factory=dict)  #: rows recorded per slot (masked too)
 
 
 class Recorder:
@@ -46,7 +47,7 @@ class Recorder:
         self.recorded_last_step: set[int] = set()
         self._records = Records()
         self._masks: list[tuple[Tensor | None, str]] = []
-        self._specs: dict[tuple[int, int], BlockSpec] = {}
+        self._specs: dict[tuple[int, int, int], BlockSpec] = {}
         self._warned: set[int] = set()
         self._handles = [
             modules[slot.name].register_forward_hook(self._hook(i))
@@ -112,15 +113,18 @@ class Recorder:
             if index not in self.recorded_last_step:
                 self._warn_unrecorded(index)
             keep = position_mask(x, mask)
-            self._block(index, x, keep, self.shifts.last_step.get(index))
+            self._block(index, x, keep, self.shifts.last_step.get(index), 0)
             return
+        rows = self._records.positions.get(index, 0)
         try:
             self._check(index, x)
             keep = position_mask(x, mask)
-            block = self._block(index, x, keep, self.shifts.for_recording(index, x, keep, self._acc(x)))
+            shift = self.shifts.for_recording(index, x, keep, self._acc(x))
+            block = self._block(index, x, keep, shift, rows)
         except Exception as err:
             self.fail(index, f"{type(err).__name__}: {err}")
             return
+        self._records.positions[index] = rows + x.numel() // x.shape[-1]
         self.seen[index] = x.shape[-1]
         if self.device is None:
             self.device = x.device
@@ -130,13 +134,21 @@ class Recorder:
     def _acc(self, x: Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None else torch.promote_types(x.dtype, torch.float32)
 
-    def _block(self, index: int, x: Tensor, keep: Tensor | None, shift: Tensor | None) -> Tensor:
+    def _block(self, index: int, x: Tensor, keep: Tensor | None, shift: Tensor | None, row: int) -> Tensor:
         d = x.shape[-1]
-        spec = self._specs.get((index, d))
+        capacity = self.layout.rows.get(index, 0)
+        spec = self._specs.get((index, d, capacity))
         if spec is None:
-            spec = self._specs[(index, d)] = self.layout.slots[index].spec(d, self.layout.threshold)
+            spec = self._specs[(index, d, capacity)] = self.layout.record_spec(index, d)
+        if capacity and row + x.numel() // d > capacity:
+            raise ValueError(
+                f"{row + x.numel() // d} positions in this step exceed the {capacity} rows per rank that "
+                "this slot exchanges instead of its d x d Gram matrix (chosen on the first step, whose "
+                "largest shard had that many positions, because the rows of all ranks are then smaller "
+                "than the Gram); keep the number of positions per step at most that of the first step"
+            )
         acc = self._acc(x)
-        block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc)
+        block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc, row)
         own = list(self.layout.slots[index].own_records())
         if not own:
             return block

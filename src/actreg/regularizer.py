@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .agreement import settle
 from .ema import MovingAverage, check_state
-from .exchange import Exchange, Exchanged, Packer
+from .exchange import Exchange, Exchanged, Packer, Rows, rows_plan
 from .layout import Layout
 from .metrics import nonfinite_message, step_metrics
 from .modes import mode
@@ -102,6 +102,8 @@ class ActivityRegularizer:
         self._agreed = False
         self._evaluator: tuple[int, Evaluator] | None = None
         self.packer = Packer(self.layout)
+        self._plan: tuple[object, list[Rows | None] | None] | None = None
+        self._next_rows: dict[int, int] = {}
         self._steps = 0
         self._skipped: Tensor | None = None
         self._last: tuple[Tensor, Tensor] | None = None  # (reduced buffer, step went well)
@@ -151,7 +153,7 @@ class ActivityRegularizer:
         dtype, device = self._dtype_device(ex)
         g = ex.gradient_scale(self.grad_scale) if communicate else 1.0
         header, blocks = self.packer.pack(records, ex.rank, dtype, device)  # pack
-        wire = Exchanged.apply(ex, communicate, g, header, *blocks)  # one collective; surrogate
+        wire = Exchanged.apply(ex, communicate, g, self._rows_plan(), header, *blocks)  # one collective
 
         ok = torch.isfinite(wire).all()  # also False when a rank failed to record (NaN header)
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
@@ -176,6 +178,8 @@ class ActivityRegularizer:
             if self.nonfinite == "skip":
                 self._skipped = ~ok if self._skipped is None else self._skipped + ~ok
         self._last = (wire, ok)
+        if self._next_rows:
+            self.layout.rows, self._next_rows = self._next_rows, {}
 
     def check(self) -> None:
         """Raise, on every rank, what the last :meth:`loss` decided on the device.
@@ -187,6 +191,12 @@ class ActivityRegularizer:
         """
         ex = self._get_exchange()
         self.verdicts.check(ex.who, self._describe)
+
+    def _rows_plan(self) -> list[Rows | None] | None:
+        key = (self.layout.version, tuple(sorted(self.layout.rows.items())))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, rows_plan(self.layout))
+        return self._plan[1]
 
     def _values(self, dtype: torch.dtype, device: torch.device) -> Evaluator:
         if self._evaluator is None or self._evaluator[0] != self.layout.version:

@@ -44,11 +44,16 @@ class BlockSpec:
     wanted: frozenset[str]  #: optional primitives present: sum, csum, csq, couter
     differentiated: frozenset[str]  #: primitives some penalty takes a gradient through
     threshold: float
+    #: > 0: the block holds the centred rows (``rows`` of them, zero-padded) in place of the Gram
+    #: matrix ``couter``; the exchange sends rows and forms the Gram after the collective
+    rows: int = 0
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name in HEAD:
             return ()
-        return (self.d, self.d) if name == "couter" else (self.d,)
+        if name == "couter":
+            return (self.rows * self.d,) if self.rows else (self.d, self.d)
+        return (self.d,)
 
     @property
     def present(self) -> tuple[str, ...]:
@@ -97,7 +102,13 @@ class FusedStatistics(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+        ctx: Any,
+        x: Tensor,
+        keep: Tensor | None,
+        shift: Tensor | None,
+        spec: BlockSpec,
+        acc: torch.dtype,
+        row_offset: int = 0,
     ) -> Tensor:
         input_shape = x.shape
         if x.dim() == 1:
@@ -130,14 +141,20 @@ class FusedStatistics(torch.autograd.Function):
                 pieces.append(xc.sum(lead))
             if "csq" in wanted:
                 pieces.append(xc.square().sum(lead))
-            if "couter" in wanted:
+            if "couter" in wanted and spec.rows:
+                flat = xc.reshape(-1)
+                before = row_offset * spec.d
+                pieces.append(
+                    torch.nn.functional.pad(flat, (before, spec.rows * spec.d - before - flat.numel()))
+                )
+            elif "couter" in wanted:
                 pieces.append(torch.einsum("...i,...j->ij", xc, xc).reshape(-1))
         ctx.save_for_backward(x, keep, shift)
-        ctx.spec, ctx.acc, ctx.input_shape = spec, acc, input_shape
+        ctx.spec, ctx.acc, ctx.input_shape, ctx.row_offset = spec, acc, input_shape, row_offset
         return torch.cat(pieces)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
         x, keep, shift = ctx.saved_tensors
         spec: BlockSpec = ctx.spec
         diff, at = spec.differentiated, spec.offsets
@@ -151,10 +168,10 @@ class FusedStatistics(torch.autograd.Function):
             term = grad[at["sum"] : at["sum"] + spec.d]
             gx = term if gx is None else gx + term
         if diff & {"csum", "csq", "couter"}:
-            gc = _centred_grad(x, keep, shift, grad, spec, ctx.acc)
+            gc = _centred_grad(x, keep, shift, grad, spec, ctx.acc, ctx.row_offset)
             gx = gc if gx is None else gx + gc
         if gx is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if keep is not None:
             gx = torch.where(keep.unsqueeze(-1), gx, 0)
         elif gx.shape != x.shape:
@@ -163,7 +180,7 @@ class FusedStatistics(torch.autograd.Function):
             gx = gx.to(x.dtype)
         if gx.shape != ctx.input_shape:
             gx = gx.reshape(ctx.input_shape)
-        return gx, None, None, None, None
+        return gx, None, None, None, None, None
 
 
 def _centred(x: Tensor, keep: Tensor | None, shift: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -174,7 +191,13 @@ def _centred(x: Tensor, keep: Tensor | None, shift: Tensor | None, acc: torch.dt
 
 
 def _centred_grad(
-    x: Tensor, keep: Tensor | None, shift: Tensor | None, grad: Tensor, spec: BlockSpec, acc: torch.dtype
+    x: Tensor,
+    keep: Tensor | None,
+    shift: Tensor | None,
+    grad: Tensor,
+    spec: BlockSpec,
+    acc: torch.dtype,
+    row_offset: int,
 ) -> Tensor:
     d, at, diff = spec.d, spec.offsets, spec.differentiated
     xc = x.to(acc) if shift is None else x - shift
@@ -184,7 +207,11 @@ def _centred_grad(
     if "csq" in diff:
         term = xc * (2 * grad[at["csq"] : at["csq"] + d])
         gx = term if gx is None else gx + term
-    if "couter" in diff:
+    if "couter" in diff and spec.rows:  # the exchange already turned the Gram's gradient into the rows'
+        start = at["couter"] + row_offset * d
+        term = grad[start : start + xc.numel()].view(xc.shape)
+        gx = term if gx is None else gx + term
+    elif "couter" in diff:
         g = grad[at["couter"] : at["couter"] + d * d].view(d, d)
         term = xc @ (g + g.mT)
         gx = term if gx is None else gx + term
@@ -193,13 +220,19 @@ def _centred_grad(
 
 
 def fused_statistics(
-    x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+    x: Tensor,
+    keep: Tensor | None,
+    shift: Tensor | None,
+    spec: BlockSpec,
+    acc: torch.dtype,
+    row_offset: int = 0,
 ) -> Tensor:
-    """The primitive part of a slot's block for activation ``x`` (``[..., d]``)."""
+    """The primitive part of a slot's block for activation ``x`` (``[..., d]``); in rows mode its
+    rows go to rows ``row_offset ...`` of the block's row area."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         if shift is not None and (shift.device != x.device or shift.dtype != acc):
             shift = shift.to(device=x.device, dtype=acc)
-        return FusedStatistics.apply(x, keep, shift, spec, acc)
+        return FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
 
 
 class TemporalDifferences(torch.autograd.Function):
