@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .layout import Layout
 from .positions import position_mask
 from .shifts import Shifts
-from .statistics import BlockSpec, fused_statistics
+from .statistics import BlockSpec, fused_statistics, no_autocast
 
 
 @dataclass
@@ -153,7 +153,7 @@ class Recorder:
         if not own:
             return block
         pieces = [block]
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with no_autocast(x):
             xa = x if x.dtype == acc else x.to(acc)
             for _, p in own:
                 source = x if getattr(p, "_raw_input", False) else xa

@@ -23,6 +23,7 @@ never depend on data, so nothing waits for the device.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,18 +121,15 @@ class FusedStatistics(torch.autograd.Function):
             count = _constant(x.numel() // max(spec.d, 1), acc, x.device)
         else:
             count = keep.sum(dtype=acc)
-        norm = torch.linalg.vector_norm
+        # plain element-wise passes and sums: linalg.vector_norm is several times slower on CPU
+        # (ord 0 and 1) and accumulates ord 2 too coarsely there
+        magnitude = xm.abs()
         if spec.threshold == 0.0:
-            active = norm(xm, 0, dim=lead, dtype=acc)
+            active = magnitude.sign().sum(lead, dtype=acc)
         else:
-            active = norm((xm.abs() - spec.threshold).relu_(), 0, dim=lead, dtype=acc)
-        pieces = [
-            # (vector_norm's ord 2 accumulates too coarsely on CPU: square and sum instead)
-            torch.stack(
-                [count, norm(xm, 1, dtype=acc), (xm if xm.dtype == acc else xm.to(acc)).square().sum()]
-            ),
-            active,
-        ]
+            active = (magnitude - spec.threshold).relu_().sign_().sum(lead, dtype=acc)
+        squares = (xm if xm.dtype == acc else xm.to(acc)).square()
+        pieces = [torch.stack([count, magnitude.sum(dtype=acc), squares.sum()]), active]
         wanted = spec.wanted
         if "sum" in wanted:
             pieces.append(xm.sum(lead, dtype=acc))
@@ -148,7 +146,8 @@ class FusedStatistics(torch.autograd.Function):
                     torch.nn.functional.pad(flat, (before, spec.rows * spec.d - before - flat.numel()))
                 )
             elif "couter" in wanted:
-                pieces.append(torch.einsum("...i,...j->ij", xc, xc).reshape(-1))
+                rows = xc.reshape(-1, spec.d)
+                pieces.append((rows.mT @ rows).reshape(-1))
         ctx.save_for_backward(x, keep, shift)
         ctx.spec, ctx.acc, ctx.input_shape, ctx.row_offset = spec, acc, input_shape, row_offset
         return torch.cat(pieces)
@@ -212,8 +211,11 @@ def _centred_grad(
         term = grad[start : start + xc.numel()].view(xc.shape)
         gx = term if gx is None else gx + term
     elif "couter" in diff:
+        # d(x^T x)/dx applied to G is x (G + G^T); the built-in Gram penalties (DeCov, Covariance)
+        # are functions of the symmetric covariance through all its entries alike, so G is
+        # symmetric and this is 2 x G (a transposed add costs as much as the matmul on a CPU)
         g = grad[at["couter"] : at["couter"] + d * d].view(d, d)
-        term = xc @ (g + g.mT)
+        term = xc @ (2 * g)
         gx = term if gx is None else gx + term
     assert gx is not None
     return gx
@@ -229,10 +231,26 @@ def fused_statistics(
 ) -> Tensor:
     """The primitive part of a slot's block for activation ``x`` (``[..., d]``); in rows mode its
     rows go to rows ``row_offset ...`` of the block's row area."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        if shift is not None and (shift.device != x.device or shift.dtype != acc):
-            shift = shift.to(device=x.device, dtype=acc)
+    if shift is not None and (shift.device != x.device or shift.dtype != acc):
+        shift = shift.to(device=x.device, dtype=acc)
+    with no_autocast(x):
         return FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
+
+
+def no_autocast(x: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for statistics of ``x`` (a no-op context, cheaper, when it is off already)."""
+    if _autocast_enabled(x.device.type):
+        return torch.autocast(device_type=x.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 spells it per device
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled()
+        return torch.is_autocast_enabled()
 
 
 class TemporalDifferences(torch.autograd.Function):
@@ -279,5 +297,5 @@ def _differences(x: Tensor, keep: Tensor | None, td: int, acc: torch.dtype) -> t
 
 def temporal_differences(x: Tensor, keep: Tensor | None, time_dim: int, acc: torch.dtype) -> Tensor:
     """TAR's statistics of ``x`` (see :class:`TemporalDifferences`), autocast disabled."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x):
         return TemporalDifferences.apply(x, keep, time_dim, acc)
