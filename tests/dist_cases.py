@@ -308,17 +308,23 @@ def fsdp2(rank: int, world_size: int, names: list[str]) -> dict[str, Any] | str:
 def hot_path_reads(rank: int, world_size: int, syncs: list[str]) -> dict[str, dict[str, Any]]:
     """test_hot_path: DDP training with every built-in penalty and a padding mask, uneven shards.
 
+    The observed name ``"extra"`` gets a 64-wide activation (the router logits repeated) with DeCov and
+    Covariance: 64 > 2 ranks x 25 positions, so its Gram matrix is exchanged as rows after step 1.
     After two warm-up steps, two steps run under ``host_reads_raise(raising=False)`` (log only: a rank
     that raised would leave the other waiting in the collective) and one under the profiler (profiling
-    a DDP step costs about a second on 2 cores). Returns per sync mode the logged reads, the reading ops
-    and the metrics of the last step.
+    a DDP step costs about a second on 2 cores). Returns per sync mode the logged reads, the reading ops,
+    the metrics of the last step and the slots that exchange rows.
     """
     from test_hot_path import batches, host_reads_raise, make_trainer, profiled
+
+    def wide(y: torch.Tensor) -> torch.Tensor:
+        return y.repeat(1, 1, 16)
 
     start, stop = shard_bounds(rank, world_size)
     out: dict[str, dict[str, Any]] = {}
     for sync in syncs:
-        t = make_trainer(sync, wrap=DDP)
+        extra = [actreg.DeCov(0.1), actreg.Covariance(0.1)]
+        t = make_trainer(sync, extra=wide, wrap=DDP, extra_penalties=extra)
         data = [(x.narrow(0, start, stop - start), m.narrow(0, start, stop - start)) for x, m in batches(5)]
         for x, mask in data[:2]:
             t.step(x, mask)
@@ -327,7 +333,8 @@ def hot_path_reads(rank: int, world_size: int, syncs: list[str]) -> dict[str, di
                 t.step(x, mask)
         with profiled() as ops:
             t.step(*data[4])
-        out[sync] = {"log": list(log), "ops": list(ops), "metrics": t.reg.metrics()}
+        rows = getattr(t.reg.layout, "rows", None)  # (None: no rows mode in this version)
+        out[sync] = {"log": list(log), "ops": list(ops), "metrics": t.reg.metrics(), "rows": rows}
     return out
 
 

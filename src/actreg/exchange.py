@@ -236,7 +236,7 @@ def _gram_from_rows(
         out.append(wire.narrow(0, at, rows.offset))
         gathered = wire.narrow(0, at + rows.offset, world * area).view(world * rows.capacity, rows.d)
         out.append((gathered.mT @ gathered).reshape(-1))
-        own.append(gathered.narrow(0, rank * rows.capacity, rows.capacity))
+        own.append(gathered.narrow(0, rank * rows.capacity, rows.capacity).clone())  # not the whole buffer
         out.append(wire.narrow(0, at + rows.offset + world * area, tail))
         at += rows.offset + world * area + tail
     return torch.cat(out), own
@@ -258,9 +258,10 @@ class Packer:
     def pack(
         self, records: Records, rank: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[Tensor, list[Tensor]]:
-        if records.errors:
-            fields = [float("nan"), 1.0, float(rank), float(records.failed_slot)]
-            header = torch.tensor(fields, dtype=dtype, device=device)
+        if records.errors:  # filled on the device: no copy from the host
+            header = self._zeros_of(HEADER, dtype, device).clone()
+            for i, value in enumerate((float("nan"), 1.0, float(rank), float(records.failed_slot))):
+                header[i] = value
         else:
             header = self._zeros_of(HEADER, dtype, device)
         blocks = []

@@ -153,10 +153,14 @@ class Recorder:
         if not own:
             return block
         pieces = [block]
+        xa: Tensor | None = x if x.dtype == acc else None
         with no_autocast(x):
-            xa = x if x.dtype == acc else x.to(acc)
             for _, p in own:
-                source = x if getattr(p, "_raw_input", False) else xa
+                if getattr(p, "_raw_input", False):
+                    source = x
+                else:
+                    xa = x.to(acc) if xa is None else xa  # only for penalties that want it
+                    source = xa
                 if p.centered and shift is not None:
                     source = source - shift.to(source)
                 stats = p.record(source, keep)

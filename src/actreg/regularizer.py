@@ -155,10 +155,12 @@ class ActivityRegularizer:
         header, blocks = self.packer.pack(records, ex.rank, dtype, device)  # pack
         wire = Exchanged.apply(ex, communicate, g, self._rows_plan(), header, *blocks)  # one collective
 
-        ok = torch.isfinite(wire).all()  # also False when a rank failed to record (NaN header)
+        with torch.no_grad():  # (under autograd, isfinite would save its input for backward)
+            ok = torch.isfinite(wire).all()  # also False when a rank failed to record (NaN header)
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
         total = self._values(dtype, device).total(torch.where(ok, stats, 0.0), batch_scale)
-        ok = ok & torch.isfinite(total)  # decisions: a failed step's penalty and gradient are 0
+        with torch.no_grad():
+            ok = ok & torch.isfinite(total)  # decisions: a failed step's penalty and gradient are 0
         total = torch.where(ok, total, 0.0)
         self._commit(wire.detach(), stats, used, ok, records.errors)
         return total
