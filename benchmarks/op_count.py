@@ -66,7 +66,7 @@ FIXED_BUDGET = 30
 """Committed budget: the step's fixed part -- pack, collective, decisions (and the centring shifts)
 -- in top-level aten ops per step, whatever the number of layers."""
 
-VALUE_BUDGETS: dict[str, int] = {"L1": 16, "L2": 16, "AR": 17, "L1+DeCov": 75, "VarianceFloor": 56}
+VALUE_BUDGETS: dict[str, int] = {"L1": 16, "L2": 16, "AR": 17, "L1+DeCov": 52, "VarianceFloor": 55}
 """Committed budget: ops of the penalty values (forward + backward), evaluated once per *kind* of
 penalty for all layers together; also independent of the number of layers."""
 

@@ -195,7 +195,7 @@ class Exchanged(torch.autograd.Function):
                 torch.cat(
                     [
                         grad.narrow(0, at, rows.offset),
-                        (r @ (2 * gram)).reshape(-1),  # symmetric: see statistics._centred_grad
+                        (r @ gram).mul_(2).reshape(-1),  # G symmetric: see statistics._centred_grad
                         grad.narrow(0, at + rows.offset + d * d, tail),
                     ]
                 )

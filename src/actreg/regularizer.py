@@ -156,9 +156,11 @@ class ActivityRegularizer:
         wire = Exchanged.apply(ex, communicate, g, self._rows_plan(), header, *blocks)  # one collective
 
         with torch.no_grad():  # (under autograd, isfinite would save its input for backward)
-            ok = torch.isfinite(wire).all()  # also False when a rank failed to record (NaN header)
+            # one sum: NaN and inf propagate (inf - inf is NaN); also False when a rank failed to
+            # record (NaN header). (isfinite().all() is ~40x slower on a CPU.)
+            ok = torch.isfinite(wire.sum())
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
-        total = self._values(dtype, device).total(torch.where(ok, stats, 0.0), batch_scale)
+        total = self._values(dtype, device).total(stats, batch_scale, ok)  # no NaN flows back
         with torch.no_grad():
             ok = ok & torch.isfinite(total)  # decisions: a failed step's penalty and gradient are 0
         total = torch.where(ok, total, 0.0)

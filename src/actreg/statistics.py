@@ -24,6 +24,7 @@ never depend on data, so nothing waits for the device.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +57,11 @@ class BlockSpec:
             return (self.rows * self.d,) if self.rows else (self.d, self.d)
         return (self.d,)
 
-    @property
+    @functools.cached_property
     def present(self) -> tuple[str, ...]:
         return tuple(p for p in PRIMITIVES if p in HEAD or p == "active" or p in self.wanted)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> dict[str, int]:
         out, at = {}, 0
         for name in self.present:
@@ -68,11 +69,11 @@ class BlockSpec:
             at += _numel(self.shape(name))
         return out
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         return sum(_numel(self.shape(p)) for p in self.present)
 
-    @property
+    @functools.cached_property
     def centred(self) -> bool:
         return bool(self.wanted & {"csum", "csq", "couter"})
 
@@ -145,12 +146,15 @@ class FusedStatistics(torch.autograd.Function):
                 pieces.append(
                     torch.nn.functional.pad(flat, (before, spec.rows * spec.d - before - flat.numel()))
                 )
-            elif "couter" in wanted:
+            elif "couter" in wanted:  # the Gram goes straight into the block: no copy of d x d
                 rows = xc.reshape(-1, spec.d)
-                pieces.append((rows.mT @ rows).reshape(-1))
+                block = rows.new_empty(spec.size)
+                torch.cat(pieces, out=block[: spec.offsets["couter"]])
+                torch.mm(rows.mT, rows, out=block[spec.offsets["couter"] :].view(spec.d, spec.d))
+                pieces = [block]
         ctx.save_for_backward(x, keep, shift)
         ctx.spec, ctx.acc, ctx.input_shape, ctx.row_offset = spec, acc, input_shape, row_offset
-        return torch.cat(pieces)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
@@ -215,7 +219,7 @@ def _centred_grad(
         # are functions of the symmetric covariance through all its entries alike, so G is
         # symmetric and this is 2 x G (a transposed add costs as much as the matmul on a CPU)
         g = grad[at["couter"] : at["couter"] + d * d].view(d, d)
-        term = xc @ (2 * g)
+        term = (xc @ g).mul_(2)
         gx = term if gx is None else gx + term
     assert gx is not None
     return gx

@@ -11,7 +11,10 @@ The cost of a step's values thus grows with the number of *kinds* of penalty, no
 from __future__ import annotations
 
 import copy
+import functools
+import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,28 +84,43 @@ def build_groups(layout: Layout) -> list[Group]:
 
 
 class Evaluator:
-    """Device tensors of the groups (gather indices, scales), built once per layout.
+    """The groups' reads of the step buffer, planned once per layout.
 
-    Statistics that no gradient flows through (counts, top-k assignments: ``Penalty._constant``)
-    are gathered without autograd, so backward spends nothing on them.
+    Statistics no gradient flows through (counts, top-k assignments: ``Penalty._constant``) are
+    read without autograd.
     """
 
     def __init__(self, groups: list[Group], device: torch.device, dtype: torch.dtype) -> None:
         self.groups = groups
         self._plans = [_Plan(g, device, dtype) for g in groups]
+        self._reads = tuple(r for plan in self._plans for r in plan.diff_reads)
+        _mark_overlaps(self._reads)
 
-    def total(self, stats: Tensor, batch_scale: Tensor | None) -> Tensor:
-        """The sum of every penalty (a 0-d tensor)."""
+    def total(self, stats: Tensor, batch_scale: Tensor | None, ok: Tensor | None = None) -> Tensor:
+        """The sum of every penalty (a 0-d tensor).
+
+        With ``ok`` given, the gradient that reaches ``stats`` is zero where ``ok`` is False, even
+        when the statistics were not finite (the values' own backward may then produce NaN).
+        """
+        diff = Gathered.apply(stats, ok, self._reads) if self._reads else ()
+        frozen = stats.detach()  # (a view taken under no_grad would still require grad)
         total: Tensor | None = None
+        at = 0
         for plan in self._plans:
-            v = plan.values(stats, batch_scale)
+            n = len(plan.diff_reads)
+            v = plan.values(frozen, list(diff[at : at + n]), batch_scale)
+            at += n
             v = v.sum() if v.dim() else v
             total = v if total is None else total + v
         return stats.new_zeros(()) if total is None else total
 
     def values(self, stats: Tensor, batch_scale: Tensor | None) -> Tensor:
-        """The value of every penalty, in the order of :meth:`order` (``[P]``)."""
-        out = [plan.values(stats, batch_scale).reshape(-1) for plan in self._plans]
+        """The value of every penalty, in the order of :meth:`order` (``[P]``), without autograd."""
+        with torch.no_grad():
+            out = [
+                plan.values(stats, [r.view(stats) for r in plan.diff_reads], batch_scale).reshape(-1)
+                for plan in self._plans
+            ]
         return torch.cat(out) if out else stats.new_zeros(0)
 
     def order(self) -> list[tuple[int, str]]:
@@ -110,37 +128,112 @@ class Evaluator:
         return [m for g in self.groups for m in g.members]
 
 
+@dataclass
+class _Read:
+    """One statistic of the ``k`` members of a group: ``shape`` values at each of ``offsets``.
+
+    Read as a strided view when the offsets are evenly spaced (alike slots in a row), else gathered.
+    """
+
+    offsets: list[int]
+    shape: tuple[int, ...]  #: ``(k, *stat shape)`` for batched groups, the statistic's shape else
+    batched: bool
+    index: Tensor | None = None
+    overlaps: bool = False  #: shares positions with an earlier read (its gradient must add)
+
+    @property
+    def stride(self) -> int | None:
+        """Distance between members (0 for one member), None when unevenly spaced."""
+        steps = {b - a for a, b in itertools.pairwise(self.offsets)}
+        return steps.pop() if len(steps) == 1 else 0 if len(self.offsets) == 1 else None
+
+    def view(self, buffer: Tensor) -> Tensor:
+        if self.index is not None:
+            return buffer.index_select(0, self.index).view(self.shape)
+        return buffer.as_strided(self.shape, self._strides, buffer.storage_offset() + self.offsets[0])
+
+    def write(self, buffer: Tensor, grad: Tensor) -> None:
+        """Put ``grad`` (of :meth:`view`) into ``buffer`` (contiguous, offset 0)."""
+        if self.index is not None:
+            buffer.index_add_(0, self.index, grad.reshape(-1))
+            return
+        target = buffer.as_strided(self.shape, self._strides, self.offsets[0])
+        if self.overlaps:
+            target.add_(grad)
+        else:
+            target.copy_(grad)
+
+    @functools.cached_property
+    def _strides(self) -> tuple[int, ...]:
+        stat_shape = self.shape[1:] if self.batched else self.shape
+        inner: list[int] = []
+        step = 1
+        for size in reversed(stat_shape):
+            inner.insert(0, step)
+            step *= size
+        return (self.stride or step, *inner) if self.batched else tuple(inner)
+
+
+def _mark_overlaps(reads: tuple[_Read, ...]) -> None:
+    spans: list[tuple[int, int]] = []
+    for r in reads:
+        size = _numel(r.shape) // max(len(r.offsets), 1)
+        mine = [(o, o + size) for o in r.offsets]
+        r.overlaps = any(a < d and c < b for a, b in mine for c, d in spans)
+        spans.extend(mine)
+
+
+class Gathered(torch.autograd.Function):
+    """``parts = Gathered.apply(stats, ok, reads)``: views of the step buffer (no copy when alike
+    slots sit evenly spaced). Backward writes every part's gradient into one zero buffer -- zero
+    wherever ``ok`` is False, so no NaN of a failed step flows back to the activations."""
+
+    @staticmethod
+    def forward(ctx: Any, stats: Tensor, ok: Tensor | None, reads: tuple[_Read, ...]) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.reads, ctx.numel = reads, stats.numel()
+        ctx.save_for_backward(ok)
+        return tuple(r.view(stats) for r in reads)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (ok,) = ctx.saved_tensors
+        buffer: Tensor | None = None
+        for read, g in zip(ctx.reads, grads, strict=True):
+            if g is None:
+                continue
+            if buffer is None:
+                buffer = g.new_zeros(ctx.numel)
+            read.write(buffer, g if ok is None else torch.where(ok, g, 0.0))
+        assert buffer is not None
+        return buffer, None, None
+
+
 class _Plan:
     def __init__(self, group: Group, device: torch.device, dtype: torch.dtype) -> None:
         self.group = group
         constant = group.penalty._constant
-        per_stat = len(group.index) // max(sum(_numel(shape) for _, shape, _ in group.stats), 1)
-        assert per_stat == group.k
         self.kinds: list[bool] = []  # per statistic: constant?
-        diff_index: list[int] = []
-        const_index: list[int] = []
+        self.diff_reads: list[_Read] = []
+        self.const_reads: list[_Read] = []
         at = 0
         for name, shape, _ in group.stats:
-            n = group.k * _numel(shape)
-            (const_index if name in constant else diff_index).extend(group.index[at : at + n])
+            n = _numel(shape)
+            offsets = [group.index[at + i * n] for i in range(group.k)]
+            at += group.k * n
+            read = _Read(offsets, (group.k, *shape) if group.batched else tuple(shape), group.batched)
+            if read.stride is None:  # unevenly spaced: gather
+                index = [o + j for o in offsets for j in range(n)]
+                read.index = torch.tensor(index, dtype=torch.long, device=device)
+            (self.const_reads if name in constant else self.diff_reads).append(read)
             self.kinds.append(name in constant)
-            at += n
-        self.diff = torch.tensor(diff_index, dtype=torch.long, device=device) if diff_index else None
-        self.const = torch.tensor(const_index, dtype=torch.long, device=device) if const_index else None
-        sizes = [group.k * _numel(shape) for _, shape, _ in group.stats]
-        self.diff_sizes = [n for n, c in zip(sizes, self.kinds, strict=True) if not c]
-        self.const_sizes = [n for n, c in zip(sizes, self.kinds, strict=True) if c]
         self.scales = None if group.scales is None else torch.tensor(group.scales, dtype=dtype, device=device)
 
-    def values(self, stats: Tensor, batch_scale: Tensor | None) -> Tensor:
+    def values(self, stats: Tensor, diff: list[Tensor], batch_scale: Tensor | None) -> Tensor:
         group = self.group
-        diff = _gather(stats, self.diff, self.diff_sizes)
-        with torch.no_grad():
-            const = _gather(stats, self.const, self.const_sizes)
+        const = [r.view(stats) for r in self.const_reads]  # `stats` carries no gradient here
         s: dict[str, Tensor] = {}
-        for (name, shape, read_scale), is_const in zip(group.stats, self.kinds, strict=True):
-            part = (const if is_const else diff).pop(0)
-            t = part.view(group.k, *shape) if group.batched else part.view(shape)
+        for (name, _, read_scale), is_const in zip(group.stats, self.kinds, strict=True):
+            t = (const if is_const else diff).pop(0)
             s[name] = t if read_scale == 1.0 else t * read_scale
         if batch_scale is not None and "count" in s:
             s[BATCH_COUNT] = s["count"] * batch_scale
@@ -148,13 +241,6 @@ class _Plan:
         if not group.batched:
             v = v.reshape(1).to(stats.dtype)
         return v if self.scales is None else v * self.scales
-
-
-def _gather(stats: Tensor, index: Tensor | None, sizes: list[int]) -> list[Tensor]:
-    if index is None:
-        return []
-    flat = stats.index_select(0, index)
-    return [flat] if len(sizes) == 1 else list(flat.split(sizes))
 
 
 def _numel(shape: tuple[int, ...]) -> int:
