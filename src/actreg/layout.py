@@ -11,7 +11,7 @@ order.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .penalty import Penalty
@@ -32,10 +32,13 @@ class Slot:
     labels: tuple[str, ...]  #: metric label of each penalty, unique within the slot
     from_module: bool
 
-    @property
-    def centered(self) -> bool:
-        """Whether any penalty of the slot takes its moments around a shift."""
-        return any(p.centered for p in self.penalties)
+    def __post_init__(self) -> None:
+        #: whether any penalty of the slot takes its moments around a shift
+        self.centered = any(p.centered for p in self.penalties)
+        #: penalties that record their own statistics (no fused primitives), with their labels
+        self.own = [
+            (label, p) for label, p in zip(self.labels, self.penalties, strict=True) if not p._primitives
+        ]
 
     def describe(self) -> tuple[str, bool, tuple[str, ...]]:
         # memory addresses (a function stored in a custom penalty) differ between processes
@@ -56,11 +59,9 @@ class Slot:
         optional = frozenset(wanted - {"count", "abs_sum", "sq_sum"})
         return BlockSpec(d, optional, frozenset(differentiated), threshold, rows if "couter" in wanted else 0)
 
-    def own_records(self) -> Iterator[tuple[str, Penalty]]:
+    def own_records(self) -> list[tuple[str, Penalty]]:
         """Penalties that record their own statistics (no fused primitives), with their labels."""
-        for label, p in zip(self.labels, self.penalties, strict=True):
-            if not p._primitives:
-                yield label, p
+        return self.own
 
 
 def unique_labels(penalties: Sequence[Penalty]) -> tuple[str, ...]:

@@ -49,6 +49,7 @@ class Recorder:
         self._masks: list[tuple[Tensor | None, str]] = []
         self._specs: dict[tuple[int, int, int], BlockSpec] = {}
         self._warned: set[int] = set()
+        self._checked: set[tuple[int, int]] = set()
         self._handles = [
             modules[slot.name].register_forward_hook(self._hook(i))
             for i, slot in enumerate(layout.slots)
@@ -118,7 +119,7 @@ class Recorder:
         rows = self._records.positions.get(index, 0)
         try:
             self._check(index, x)
-            keep = position_mask(x, mask)
+            keep = None if mask is None else position_mask(x, mask)
             shift = self.shifts.for_recording(index, x, keep, self._acc(x))
             block = self._block(index, x, keep, shift, rows)
         except Exception as err:
@@ -180,15 +181,16 @@ class Recorder:
         return torch.cat(pieces)
 
     def _check(self, index: int, x: Tensor) -> None:
-        slot = self.layout.slots[index]
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
             raise ValueError(f"expected a floating tensor [..., features], got {_describe(x)}")
         d = x.shape[-1]
         known = self.layout.dims[index] if self.layout.dims[index] is not None else self.seen.get(index)
         if known is not None and d != known:
             raise ValueError(f"activation has {d} features, earlier ones had {known}")
-        for p in slot.penalties:
-            p.check_features(d)
+        if (index, d) not in self._checked:
+            for p in self.layout.slots[index].penalties:
+                p.check_features(d)
+            self._checked.add((index, d))
 
     def _warn_unrecorded(self, index: int) -> None:
         if index in self._warned:
@@ -212,10 +214,12 @@ def _first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+_GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
+
+
 def _in_backward() -> bool:
     """Whether autograd's engine is running (e.g. a checkpoint recomputing its forward)."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
+    return _GRAPH_TASK is not None and _GRAPH_TASK() != -1
 
 
 def _describe(x: object) -> str:

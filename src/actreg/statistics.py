@@ -237,7 +237,9 @@ def fused_statistics(
     rows go to rows ``row_offset ...`` of the block's row area."""
     if shift is not None and (shift.device != x.device or shift.dtype != acc):
         shift = shift.to(device=x.device, dtype=acc)
-    with no_autocast(x):
+    if not _autocast_enabled(x.device.type):
+        return FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
+    with torch.autocast(device_type=x.device.type, enabled=False):
         return FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
 
 

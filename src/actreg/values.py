@@ -152,16 +152,22 @@ class _Read:
             return buffer.index_select(0, self.index).view(self.shape)
         return buffer.as_strided(self.shape, self._strides, buffer.storage_offset() + self.offsets[0])
 
-    def write(self, buffer: Tensor, grad: Tensor) -> None:
-        """Put ``grad`` (of :meth:`view`) into ``buffer`` (contiguous, offset 0)."""
-        if self.index is not None:
-            buffer.index_add_(0, self.index, grad.reshape(-1))
+    def write(self, buffer: Tensor, grad: Tensor, ok: Tensor | None) -> None:
+        """Put ``grad`` (of :meth:`view`) into ``buffer`` (contiguous, offset 0); zeros where ``ok``
+        is False (``where``, so that a NaN gradient of a failed step does not get through)."""
+        if self.index is not None or self.overlaps:
+            if ok is not None:
+                grad = torch.where(ok, grad, 0.0)
+            if self.index is not None:
+                buffer.index_add_(0, self.index, grad.reshape(-1))
+            else:
+                buffer.as_strided(self.shape, self._strides, self.offsets[0]).add_(grad)
             return
         target = buffer.as_strided(self.shape, self._strides, self.offsets[0])
-        if self.overlaps:
-            target.add_(grad)
-        else:
+        if ok is None:
             target.copy_(grad)
+        else:  # one pass: select straight into the buffer
+            torch.where(ok, grad, buffer.new_zeros(()), out=target)
 
     @functools.cached_property
     def _strides(self) -> tuple[int, ...]:
@@ -203,7 +209,7 @@ class Gathered(torch.autograd.Function):
                 continue
             if buffer is None:
                 buffer = g.new_zeros(ctx.numel)
-            read.write(buffer, g if ok is None else torch.where(ok, g, 0.0))
+            read.write(buffer, g, ok)
         assert buffer is not None
         return buffer, None, None
 
