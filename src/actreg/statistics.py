@@ -125,12 +125,13 @@ class FusedStatistics(torch.autograd.Function):
         # plain element-wise passes and sums: linalg.vector_norm is several times slower on CPU
         # (ord 0 and 1) and accumulates ord 2 too coarsely there
         magnitude = xm.abs()
-        if spec.threshold == 0.0:
-            active = magnitude.sign().sum(lead, dtype=acc)
+        abs_sum = magnitude.sum(dtype=acc)
+        if spec.threshold == 0.0:  # (in place: the magnitudes are ours and summed already)
+            active = magnitude.sign_().sum(lead, dtype=acc)
         else:
-            active = (magnitude - spec.threshold).relu_().sign_().sum(lead, dtype=acc)
+            active = magnitude.sub_(spec.threshold).relu_().sign_().sum(lead, dtype=acc)
         squares = (xm if xm.dtype == acc else xm.to(acc)).square()
-        pieces = [torch.stack([count, magnitude.sum(dtype=acc), squares.sum()]), active]
+        pieces = [torch.stack([count, abs_sum, squares.sum()]), active]
         wanted = spec.wanted
         if "sum" in wanted:
             pieces.append(xm.sum(lead, dtype=acc))
@@ -163,7 +164,7 @@ class FusedStatistics(torch.autograd.Function):
         diff, at = spec.differentiated, spec.offsets
         gx: Tensor | None = None
         if "abs_sum" in diff:
-            gx = x.sign() * grad[1]
+            gx = x.sign().mul_(grad[1])
         if "sq_sum" in diff:
             term = x * (2 * grad[2])
             gx = term if gx is None else gx + term
