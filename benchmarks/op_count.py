@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,9 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import actreg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import build
 
 PenaltySpec = actreg.Penalty | list[actreg.Penalty]
 
@@ -81,12 +85,7 @@ OpCounts = dict[str, Counter[str]]  # phase -> op name -> count
 
 def build_model(layers: int, width: int) -> nn.Sequential:
     """``Linear(w, w), ReLU()`` repeated ``layers`` times, then ``Linear(w, 10)``; float32, seed 0."""
-    torch.manual_seed(0)
-    mods: list[nn.Module] = []
-    for _ in range(layers):
-        mods += [nn.Linear(width, width), nn.ReLU()]
-    mods.append(nn.Linear(width, 10))
-    return nn.Sequential(*mods)
+    return build(layers, width)  # the model of bench_step.py
 
 
 def penalties(config: str, layers: int) -> dict[str, PenaltySpec]:

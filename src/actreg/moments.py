@@ -63,11 +63,9 @@ def _bessel(stats: Stats) -> tuple[Tensor, Tensor]:
     return torch.where(defined, nb / torch.where(defined, nb - 1, 1.0), 0.0), defined
 
 
-class DeCov(Penalty):
-    """DeCov (Cogswell et al., 2016): ``weight * 0.5 * (||C||_F^2 - ||diag C||^2)``.
-
-    ``C = sum_i x_i x_i^T / n - mu mu^T`` is the biased covariance of the features.
-    """
+class _GramPenalty(Penalty):
+    """A penalty of the covariance of the features: first moments, Gram matrix and count, taken
+    around the slot's shift."""
 
     centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
     _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "outer": "couter", "count": "count"}
@@ -81,6 +79,16 @@ class DeCov(Penalty):
 
     def statistics(self, x: Tensor) -> dict[str, Tensor]:
         return {"sum": x.sum(0), "outer": x.T @ x, "count": count_of(x)}
+
+    def value(self, stats: Stats) -> Tensor:
+        raise NotImplementedError
+
+
+class DeCov(_GramPenalty):
+    """DeCov (Cogswell et al., 2016): ``weight * 0.5 * (||C||_F^2 - ||diag C||^2)``.
+
+    ``C = sum_i x_i x_i^T / n - mu mu^T`` is the biased covariance of the features.
+    """
 
     def value(self, stats: Stats) -> Tensor:
         return self.weight * 0.5 * _off_diagonal_energy(stats)
@@ -117,24 +125,11 @@ class VarianceFloor(Penalty):
         return torch.where(defined, self.weight * hinge, 0.0)
 
 
-class Covariance(Penalty):
+class Covariance(_GramPenalty):
     """VICReg covariance term: ``weight * sum_{i != j} C_ij^2 / d``.
 
     ``C = (sum_i x_i x_i^T - n mu mu^T) / (n - 1)`` is the unbiased covariance; 0 when ``n <= 1``.
     """
-
-    centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
-    _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "outer": "couter", "count": "count"}
-    _batchable = True
-
-    def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
-
-    def statistic_shapes(self, d: int) -> Shapes:
-        return {"sum": (d,), "outer": (d, d), "count": ()}
-
-    def statistics(self, x: Tensor) -> dict[str, Tensor]:
-        return {"sum": x.sum(0), "outer": x.T @ x, "count": count_of(x)}
 
     def value(self, stats: Stats) -> Tensor:
         factor, defined = _bessel(stats)

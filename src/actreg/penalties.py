@@ -14,36 +14,27 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .moments import Covariance, DeCov, VarianceFloor
+from .moments import Covariance as Covariance
+from .moments import DeCov as DeCov
+from .moments import VarianceFloor as VarianceFloor
 from .penalty import (
-    BATCH_COUNT,
+    BATCH_COUNT as BATCH_COUNT,
+)
+from .penalty import (
     Penalty,
     Shapes,
     Stats,
     _full,
     _masked,
     _per_unit,
-    count_of,
-    nonzero,
+)
+from .penalty import (
+    count_of as count_of,
+)
+from .penalty import (
+    nonzero as nonzero,
 )
 from .positions import position_mask
-
-__all__ = [
-    "AR",
-    "BATCH_COUNT",
-    "L1",
-    "L2",
-    "TAR",
-    "Covariance",
-    "DeCov",
-    "KLSparsity",
-    "LoadBalance",
-    "Penalty",
-    "VarianceFloor",
-    "ZLoss",
-    "count_of",
-    "nonzero",
-]
 
 
 class L1(Penalty):
