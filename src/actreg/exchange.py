@@ -254,6 +254,14 @@ class Packer:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._zeros: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self._plan: tuple[object, list[Rows | None] | None] | None = None
+
+    def rows_plan(self) -> list[Rows | None] | None:
+        """Where rows travel instead of Gram matrices (see :class:`Exchanged`); None: nowhere."""
+        key = (self.layout.version, tuple(sorted(self.layout.rows.items())))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, rows_plan(self.layout))
+        return self._plan[1]
 
     def pack(
         self, records: Records, rank: int, dtype: torch.dtype, device: torch.device

@@ -31,7 +31,7 @@ def activity_figures(layout: Layout, index: int, wire: Tensor) -> dict[str, floa
     }
 
 
-def nonfinite_message(layout: Layout, order: list[tuple[int, str]], wire: Tensor, values: Tensor) -> str:
+def nonfinite_message(layout: Layout, order: list[tuple[int, str]], values: Tensor, wire: Tensor) -> str:
     """Which slots had non-finite global statistics, and which penalty values were not finite."""
     bad = []
     for index, slot in enumerate(layout.slots):

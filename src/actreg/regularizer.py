@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .agreement import settle
 from .ema import MovingAverage, check_state
-from .exchange import Exchange, Exchanged, Packer, Rows, rows_plan
+from .exchange import Exchange, Exchanged, Packer
 from .layout import Layout
 from .metrics import nonfinite_message, step_metrics
 from .modes import mode
@@ -102,7 +102,6 @@ class ActivityRegularizer:
         self._agreed = False
         self._evaluator: tuple[int, Evaluator] | None = None
         self.packer = Packer(self.layout)
-        self._plan: tuple[object, list[Rows | None] | None] | None = None
         self._next_rows: dict[int, int] = {}
         self._steps = 0
         self._skipped: Tensor | None = None
@@ -153,7 +152,7 @@ class ActivityRegularizer:
         dtype, device = self._dtype_device(ex)
         g = ex.gradient_scale(self.grad_scale) if communicate else 1.0
         header, blocks = self.packer.pack(records, ex.rank, dtype, device)  # pack
-        wire = Exchanged.apply(ex, communicate, g, self._rows_plan(), header, *blocks)  # one collective
+        wire = Exchanged.apply(ex, communicate, g, self.packer.rows_plan(), header, *blocks)  # one collective
 
         with torch.no_grad():  # (under autograd, isfinite would save its input for backward)
             # one sum: NaN and inf propagate (inf - inf is NaN); also False when a rank failed to
@@ -167,9 +166,7 @@ class ActivityRegularizer:
         self._commit(wire.detach(), stats, used, ok, records.errors)
         return total
 
-    def _commit(
-        self, wire: Tensor, stats: Tensor, used: dict[int, Tensor], ok: Tensor, errors: list[str]
-    ) -> None:
+    def _commit(self, wire: Tensor, stats: Tensor, used: dict[int, Tensor], ok: Tensor, errs: list) -> None:
         """After the step: moving average, next shifts, the decision posted for the next call."""
         with torch.no_grad():
             if self.mode.moving_average:
@@ -178,7 +175,7 @@ class ActivityRegularizer:
             if self.mode.moving_average and old is not None:
                 self.ema.recenter(self.shifts.delta(old), sorted(used))
             self._steps += 1
-            self.verdicts.post(self._steps, wire, ok, errors)
+            self.verdicts.post(self._steps, wire, ok, errs)
             if self.nonfinite == "skip":
                 self._skipped = ~ok if self._skipped is None else self._skipped + ~ok
         self._last = (wire, ok)
@@ -193,14 +190,7 @@ class ActivityRegularizer:
         ``nonfinite="raise"``. Called by :meth:`loss`, :meth:`metrics` and :meth:`state_dict`;
         call it yourself after the last step of a run.
         """
-        ex = self._get_exchange()
-        self.verdicts.check(ex.who, self._describe)
-
-    def _rows_plan(self) -> list[Rows | None] | None:
-        key = (self.layout.version, tuple(sorted(self.layout.rows.items())))
-        if self._plan is None or self._plan[0] != key:
-            self._plan = (key, rows_plan(self.layout))
-        return self._plan[1]
+        self.verdicts.check(self._get_exchange().who, self._describe)
 
     def _values(self, dtype: torch.dtype, device: torch.device) -> Evaluator:
         if self._evaluator is None or self._evaluator[0] != self.layout.version:
@@ -212,15 +202,13 @@ class ActivityRegularizer:
             self._exchange = Exchange(self.process_group)
         return self._exchange
 
-    def _dtype_device(self, ex: Exchange) -> tuple[torch.dtype, torch.device]:
-        """The statistics dtype (agreed) and the device of the step buffer."""
+    def _dtype_device(self, ex: Exchange) -> tuple[torch.dtype, torch.device]:  # of the step buffer
         return self.recorder.dtype or torch.float32, ex.buffer_device(self.recorder.device, self._root)
 
     def _describe(self, what: str, detail: Any) -> str:
         if what == "slot":
             return repr(self.layout.slots[detail].name) if 0 <= detail < len(self.layout.slots) else "?"
-        order, values = self._current_values(detail)
-        return nonfinite_message(self.layout, order, detail, values)
+        return nonfinite_message(self.layout, *self._current_values(detail), wire=detail)
 
     def metrics(self) -> dict[str, float]:
         """Figures of the last :meth:`loss` call, from its collective (no extra communication).
@@ -235,9 +223,8 @@ class ActivityRegularizer:
         if self._last is None:
             return {}
         wire, ok = self._last
-        order, values = self._current_values(wire)
         skipped = None if self.nonfinite != "skip" else 0.0 if self._skipped is None else float(self._skipped)
-        return step_metrics(self.layout, order, values, wire, bool(ok), skipped)
+        return step_metrics(self.layout, *self._current_values(wire), wire, bool(ok), skipped)
 
     def _current_values(self, wire: Tensor) -> tuple[list[tuple[int, str]], Tensor]:
         """Penalty values of the last step (recomputed from its statistics, not kept by the step)."""
