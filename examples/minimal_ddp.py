@@ -49,6 +49,7 @@ def main() -> None:
                 f"step {step:2d}  loss {loss.item():.4f}  penalty {m['total']:.4f}  "
                 f"active fraction of layer 1: {m['1/active_fraction']:.2f}"
             )
+    reg.check()  # errors of the last step are raised by the next call: make that call
     if distributed:
         dist.destroy_process_group()
 
