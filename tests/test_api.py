@@ -379,3 +379,30 @@ def test_activity_threshold():
     m = reg.metrics()
     assert m["encoder.0/active_fraction"] == pytest.approx((h.abs() > 0.5).float().mean().item(), rel=1e-6)
     assert m["encoder.0/dead_units"] == float(((h.abs() > 0.5).sum(0) == 0).sum())
+
+
+def test_ema_survives_a_slot_that_starts_running_later():
+    """A slot first recorded at step 3 changes the buffer's layout: the moving average of the
+    slots recorded before it must carry over exactly (float64 reference of the EMA by hand)."""
+    reg = actreg.ActivityRegularizer(
+        nn.Identity(), {"a": actreg.L1(1.0), "b": actreg.L2(1.0)}, observed=["a", "b"], sync="ema", decay=0.5
+    )
+    g = torch.Generator().manual_seed(3)
+    ema_a = ema_b = None
+    for step in range(5):
+        xa = torch.randn(6, 3, dtype=torch.float64, generator=g)
+        reg.observe("a", xa)
+        sa = torch.stack([xa.abs().sum(), torch.tensor(6.0, dtype=torch.float64)])
+        sb = torch.zeros(2, dtype=torch.float64)
+        if step >= 2:
+            xb = torch.randn(4, 5, dtype=torch.float64, generator=g)
+            reg.observe("b", xb)
+            sb = torch.stack([xb.pow(2).sum(), torch.tensor(4.0, dtype=torch.float64)])
+        ema_a = 0.5 * sa if ema_a is None else 0.5 * ema_a + 0.5 * sa
+        # b's average starts when b is first seen (its earlier steps are zeros either way)
+        ema_b = 0.5 * sb if ema_b is None else 0.5 * ema_b + 0.5 * sb
+        reg.loss()
+        m = reg.metrics()
+        assert m["a/L1"] == pytest.approx((ema_a[0] / ema_a[1]).item(), rel=1e-12), step
+        if step >= 2:
+            assert m["b/L2"] == pytest.approx((ema_b[0] / ema_b[1]).item(), rel=1e-12), step

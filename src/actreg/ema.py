@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .centering import recenter_block
-from .layout import Layout
+from .layout import Layout, Where
 
 Nested = dict[str, dict[str, dict[str, Tensor]]]
 
@@ -47,6 +47,7 @@ class MovingAverage:
         self.steps: Tensor | int = 0  #: committed updates (a device tensor once training runs)
         self._version = -1
         self._loaded: Nested = {}
+        self._places: dict[tuple[str, str], dict[str, Where]] = {}  #: where `flat` holds what
 
     def blend(self, stats: Tensor) -> tuple[Tensor, Tensor]:
         """The moving average including this step, and the Bessel scale ``1 / (1 - decay^t)``."""
@@ -83,9 +84,11 @@ class MovingAverage:
         self.flat = flat
 
     def _relayout(self, like: Tensor) -> None:
+        # read the old average with the places it was written at (the layout has moved on)
         nested = self.state() if self.flat is not None else self._loaded
         self.flat = like.new_zeros(self.layout.size)
         self._version = self.layout.version
+        self._places = _places(self.layout)
         if not isinstance(self.steps, Tensor):
             self.steps = torch.full((), float(self.steps), dtype=like.dtype, device=like.device)
         self._put(nested)
@@ -108,15 +111,11 @@ class MovingAverage:
         if self.flat is None:
             return {k: {lab: dict(s) for lab, s in v.items()} for k, v in self._loaded.items()}
         out: Nested = {}
-        layout = self.layout
-        for index, slot in enumerate(layout.slots):
-            if layout.dims[index] is None:
-                continue
-            for label in slot.labels:
-                out.setdefault(slot.name, {})[label] = {
-                    stat: (self.flat[w.offset : w.offset + w.numel].view(w.shape) * w.scale).detach().clone()
-                    for stat, w in layout.where(index, label).items()
-                }
+        for (slot, label), places in self._places.items():
+            out.setdefault(slot, {})[label] = {
+                stat: (self.flat[w.offset : w.offset + w.numel].view(w.shape) * w.scale).detach().clone()
+                for stat, w in places.items()
+            }
         return out
 
     def step_count(self) -> int:
@@ -126,3 +125,13 @@ class MovingAverage:
         self._loaded = {k: {lab: dict(s) for lab, s in v.items()} for k, v in nested.items()}
         self.flat = None
         self.steps = int(steps)
+
+
+def _places(layout: Layout) -> dict[tuple[str, str], dict[str, Where]]:
+    """(slot name, penalty label) -> statistic -> place, for every slot of known size."""
+    return {
+        (slot.name, label): layout.where(index, label)
+        for index, slot in enumerate(layout.slots)
+        if layout.dims[index] is not None
+        for label in slot.labels
+    }
