@@ -406,3 +406,21 @@ def test_ema_survives_a_slot_that_starts_running_later():
         assert m["a/L1"] == pytest.approx((ema_a[0] / ema_a[1]).item(), rel=1e-12), step
         if step >= 2:
             assert m["b/L2"] == pytest.approx((ema_b[0] / ema_b[1]).item(), rel=1e-12), step
+
+
+def test_torch_compile_sees_no_graph_break_from_recording():
+    """The hooks trace into the compiled graph: recording adds no graph break (torch._dynamo.explain)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    reg = actreg.ActivityRegularizer(
+        model, {"1": [actreg.L1(0.1), actreg.VarianceFloor(1.0)], "3": [actreg.L2(0.1), actreg.DeCov(0.1)]}
+    )
+    x = torch.randn(5, 8)
+    model(x)
+    reg.loss().backward()  # the shifts of the centred slots exist from now on
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+    reg.loss()
+    assert reg.metrics()["3/count"] == 5  # the traced forward recorded
+    reg.remove()

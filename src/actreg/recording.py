@@ -218,8 +218,19 @@ _GRAPH_TASK = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def _in_backward() -> bool:
-    """Whether autograd's engine is running (e.g. a checkpoint recomputing its forward)."""
+    """Whether autograd's engine is running (e.g. a checkpoint recomputing its forward).
+
+    Not asked while torch.compile traces a forward (the query cannot be traced: it would break the
+    graph); a compiled region is not recomputed by a checkpoint in backward.
+    """
+    if _compiling():
+        return False
     return _GRAPH_TASK is not None and _GRAPH_TASK() != -1
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
 def _describe(x: object) -> str:

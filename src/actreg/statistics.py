@@ -24,8 +24,7 @@ never depend on data, so nothing waits for the device.
 from __future__ import annotations
 
 import contextlib
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,6 +49,19 @@ class BlockSpec:
     #: matrix ``couter``; the exchange sends rows and forms the Gram after the collective
     rows: int = 0
 
+    def __post_init__(self) -> None:
+        # plain attributes, computed once: (functools.cached_property takes a lock on Python 3.11,
+        # which torch.compile cannot trace)
+        object.__setattr__(self, "present", self._present())
+        object.__setattr__(self, "offsets", self._offsets())
+        object.__setattr__(self, "size", self._size())
+        object.__setattr__(self, "centred", self._centred())
+
+    present: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    offsets: dict[str, int] = field(init=False, repr=False, compare=False)
+    size: int = field(init=False, repr=False, compare=False)
+    centred: bool = field(init=False, repr=False, compare=False)
+
     def shape(self, name: str) -> tuple[int, ...]:
         if name in HEAD:
             return ()
@@ -57,24 +69,20 @@ class BlockSpec:
             return (self.rows * self.d,) if self.rows else (self.d, self.d)
         return (self.d,)
 
-    @functools.cached_property
-    def present(self) -> tuple[str, ...]:
+    def _present(self) -> tuple[str, ...]:
         return tuple(p for p in PRIMITIVES if p in HEAD or p == "active" or p in self.wanted)
 
-    @functools.cached_property
-    def offsets(self) -> dict[str, int]:
+    def _offsets(self) -> dict[str, int]:
         out, at = {}, 0
         for name in self.present:
             out[name] = at
             at += _numel(self.shape(name))
         return out
 
-    @functools.cached_property
-    def size(self) -> int:
+    def _size(self) -> int:
         return sum(_numel(self.shape(p)) for p in self.present)
 
-    @functools.cached_property
-    def centred(self) -> bool:
+    def _centred(self) -> bool:
         return bool(self.wanted & {"csum", "csq", "couter"})
 
 
