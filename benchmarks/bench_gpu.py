@@ -92,6 +92,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import actreg
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import HookTerms, met, quartiles
+
 WEIGHT = 1e-5
 PATTERN = "blocks.*"
 EAGER = ["none", "actreg-L1", "naive-L1", "hook-fused"]
@@ -191,7 +194,7 @@ def build(args: argparse.Namespace, device: torch.device, tag: str = "") -> GPT:
 
 
 # ------------------------------------------------------------------------------------------ baselines
-class HookL1:
+class HookL1(HookTerms):
     """L1 of every block output through plain forward hooks (``naive``: per-layer all_reduce).
 
     ``naive=True``: each hook all-reduces its ``sum |x|`` and its position count with the
@@ -203,9 +206,8 @@ class HookL1:
 
     def __init__(self, model: GPT, weight: float, naive: bool) -> None:
         self.weight, self.naive = weight, naive
-        self.terms: list[Tensor] = []
         self.seen: tuple[torch.dtype, tuple[int, ...]] | None = None
-        self.handles = [b.register_forward_hook(self._hook) for b in model.blocks]
+        super().__init__(list(model.blocks))
 
     def _hook(self, module: nn.Module, args: Any, out: Tensor) -> None:
         if not torch.is_grad_enabled():
@@ -219,15 +221,6 @@ class HookL1:
             self.terms.append(self.weight * dnn.all_reduce(abs_sum) / dnn.all_reduce(count))
         else:
             self.terms.append(abs_sum * (self.weight / positions))
-
-    def loss(self) -> Tensor:
-        total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
-        self.terms = []
-        return total
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 # ------------------------------------------------------------------------------------------- variants
@@ -467,18 +460,6 @@ def timed_rounds(
 
 
 # --------------------------------------------------------------------------------------------- report
-def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
-    """(q1, median, q3); all equal for a single value."""
-    if len(xs) < 2:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
-
-
-def met(ok: bool) -> str:
-    return "met" if ok else "NOT met"
-
-
 def paired(times: dict[str, list[float]], name: str, base: str) -> tuple[float, float, float] | None:
     if name not in times or base not in times:
         return None

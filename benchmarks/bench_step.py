@@ -79,7 +79,27 @@ def relu_names(layers: int) -> list[str]:
     return [str(2 * i + 1) for i in range(layers)]
 
 
-class NaiveL1:
+class HookTerms:
+    """Penalty terms appended by forward hooks, summed (and cleared) by :meth:`loss`."""
+
+    def __init__(self, modules: Sequence[nn.Module]) -> None:
+        self.terms: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def loss(self) -> torch.Tensor:
+        total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
+        self.terms = []
+        return total
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class NaiveL1(HookTerms):
     """L1 on global-batch statistics with one differentiable all_reduce per statistic per layer.
 
     The forward hook of every regularized layer all-reduces its ``sum |x|`` (differentiable: its
@@ -90,9 +110,8 @@ class NaiveL1:
 
     def __init__(self, model: nn.Module, names: Sequence[str], weight: float) -> None:
         self.weight = weight
-        self.terms: list[torch.Tensor] = []
         modules = dict(model.named_modules())
-        self.handles = [modules[n].register_forward_hook(self._hook) for n in names]
+        super().__init__([modules[n] for n in names])
 
     def _hook(self, module: nn.Module, args: Any, out: torch.Tensor) -> None:
         if not torch.is_grad_enabled():
@@ -100,15 +119,6 @@ class NaiveL1:
         abs_sum = dnn.all_reduce(out.abs().sum())
         count = dnn.all_reduce(torch.tensor(float(out[..., 0].numel()), dtype=out.dtype))
         self.terms.append(self.weight * abs_sum / count)
-
-    def loss(self) -> torch.Tensor:
-        total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
-        self.terms = []
-        return total
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class Variant:
