@@ -73,15 +73,11 @@ class MovingAverage:
         """Move the average of centred slots by ``delta`` (``new - old`` shifts, in ``order``)."""
         if delta is None or self.flat is None:
             return
-        flat, layout = self.flat, self.layout
+        layout = self.layout
         pieces = delta.split([layout.dims[i] for i in order])  # type: ignore[misc]
         for i, d in zip(order, pieces, strict=True):
-            start, size = layout.offsets[i], layout.block_sizes[i]
-            moved = recenter_block(flat.narrow(0, start, size), layout, i, d)
-            flat = torch.cat(
-                [flat.narrow(0, 0, start), moved, flat.narrow(0, start + size, flat.numel() - start - size)]
-            )
-        self.flat = flat
+            block = self.flat.narrow(0, layout.offsets[i], layout.block_sizes[i])  # ours: move in place
+            block.copy_(recenter_block(block, layout, i, d))
 
     def _relayout(self, like: Tensor) -> None:
         # read the old average with the places it was written at (the layout has moved on)

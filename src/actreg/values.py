@@ -2,24 +2,25 @@
 
 Built-in penalties write :meth:`Penalty.value` for statistics with a leading batch dimension and
 are linear in their weight, so every slot with the same kind of penalty, the same feature size and
-the same other hyperparameters is evaluated in one call: one ``index_select`` gathers the group's
-statistics from the flat buffer (its backward is one ``index_add``), one ``split`` hands them out,
-and the value's few element-wise ops run once for all slots. User penalties form groups of one.
-The cost of a step's values thus grows with the number of *kinds* of penalty, not of layers.
+the same other hyperparameters is evaluated in one call: each statistic of the group is a strided
+view of the step buffer (alike slots sit evenly spaced; a gather otherwise), the backward writes all
+their gradients into one zero buffer (:class:`Gathered`), and the value's few element-wise ops run
+once for all slots. User penalties form groups of one. The cost of a step's values thus grows with
+the number of *kinds* of penalty, not of layers.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .layout import Layout, Where
+from .layout import Layout
 from .penalty import BATCH_COUNT, Penalty
 
 
@@ -30,7 +31,7 @@ class Group:
     penalty: Penalty  #: evaluates the whole group (unit scale when the members' scales differ)
     members: list[tuple[int, str]]  #: (slot index, label)
     stats: list[tuple[str, tuple[int, ...], float]]  #: (name, shape, read scale)
-    index: list[int]  #: buffer positions, statistic-major then member
+    offsets: list[list[int]]  #: per statistic, where each member's copy starts in the buffer
     scales: list[float] | None  #: per-member scales when they differ
     batched: bool
 
@@ -53,7 +54,6 @@ def _key(p: Penalty, d: int, slot_index: int, label: str) -> tuple[object, ...]:
 def build_groups(layout: Layout) -> list[Group]:
     """Group every penalty of every slot with a known size; groups keep first-appearance order."""
     groups: dict[tuple[object, ...], Group] = {}
-    places: dict[tuple[object, ...], list[dict[str, Where]]] = {}
     for index, slot in enumerate(layout.slots):
         d = layout.dims[index]
         if d is None:
@@ -63,15 +63,12 @@ def build_groups(layout: Layout) -> list[Group]:
             where = layout.where(index, label)
             if key not in groups:
                 stats = [(name, w.shape, w.scale) for name, w in where.items()]
-                groups[key] = Group(p, [], stats, [], None, key[0] != "own")
-                places[key] = []
-            groups[key].members.append((index, label))
-            places[key].append(where)
-    for key, group in groups.items():
-        for name, _, _ in group.stats:
-            for where in places[key]:
-                w = where[name]
-                group.index.extend(range(w.offset, w.offset + w.numel))
+                groups[key] = Group(p, [], stats, [[] for _ in stats], None, key[0] != "own")
+            group = groups[key]
+            group.members.append((index, label))
+            for offsets, (name, _, _) in zip(group.offsets, group.stats, strict=True):
+                offsets.append(where[name].offset)
+    for group in groups.values():
         scales = [
             _scale_of(layout.slots[i].penalties[layout.slots[i].labels.index(lab)])
             for i, lab in group.members
@@ -138,14 +135,21 @@ class _Read:
     offsets: list[int]
     shape: tuple[int, ...]  #: ``(k, *stat shape)`` for batched groups, the statistic's shape else
     batched: bool
-    index: Tensor | None = None
+    device: torch.device
     overlaps: bool = False  #: shares positions with an earlier read (its gradient must add)
 
-    @property
-    def stride(self) -> int | None:
-        """Distance between members (0 for one member), None when unevenly spaced."""
+    def __post_init__(self) -> None:
+        stat_shape = self.shape[1:] if self.batched else self.shape
+        self.numel = math.prod(stat_shape)  #: of one member's statistic
         steps = {b - a for a, b in itertools.pairwise(self.offsets)}
-        return steps.pop() if len(steps) == 1 else 0 if len(self.offsets) == 1 else None
+        #: gather positions when the members are unevenly spaced, else None (a strided view)
+        self.index: Tensor | None = None
+        if len(steps) > 1:
+            starts = torch.tensor(self.offsets, dtype=torch.long, device=self.device)
+            self.index = (starts[:, None] + torch.arange(self.numel, device=self.device)).reshape(-1)
+        inner = [math.prod(stat_shape[i + 1 :]) for i in range(len(stat_shape))]
+        stride = steps.pop() if len(steps) == 1 else self.numel
+        self._strides = (stride, *inner) if self.batched else tuple(inner)
 
     def view(self, buffer: Tensor) -> Tensor:
         if self.index is not None:
@@ -169,22 +173,11 @@ class _Read:
         else:  # one pass: select straight into the buffer
             torch.where(ok, grad, buffer.new_zeros(()), out=target)
 
-    @functools.cached_property
-    def _strides(self) -> tuple[int, ...]:
-        stat_shape = self.shape[1:] if self.batched else self.shape
-        inner: list[int] = []
-        step = 1
-        for size in reversed(stat_shape):
-            inner.insert(0, step)
-            step *= size
-        return (self.stride or step, *inner) if self.batched else tuple(inner)
-
 
 def _mark_overlaps(reads: tuple[_Read, ...]) -> None:
     spans: list[tuple[int, int]] = []
     for r in reads:
-        size = _numel(r.shape) // max(len(r.offsets), 1)
-        mine = [(o, o + size) for o in r.offsets]
+        mine = [(o, o + r.numel) for o in r.offsets]
         r.overlaps = any(a < d and c < b for a, b in mine for c, d in spans)
         spans.extend(mine)
 
@@ -221,15 +214,8 @@ class _Plan:
         self.kinds: list[bool] = []  # per statistic: constant?
         self.diff_reads: list[_Read] = []
         self.const_reads: list[_Read] = []
-        at = 0
-        for name, shape, _ in group.stats:
-            n = _numel(shape)
-            offsets = [group.index[at + i * n] for i in range(group.k)]
-            at += group.k * n
-            read = _Read(offsets, (group.k, *shape) if group.batched else tuple(shape), group.batched)
-            if read.stride is None:  # unevenly spaced: gather
-                index = [o + j for o in offsets for j in range(n)]
-                read.index = torch.tensor(index, dtype=torch.long, device=device)
+        for (name, shape, _), offsets in zip(group.stats, group.offsets, strict=True):
+            read = _Read(offsets, (group.k, *shape) if group.batched else tuple(shape), group.batched, device)
             (self.const_reads if name in constant else self.diff_reads).append(read)
             self.kinds.append(name in constant)
         self.scales = None if group.scales is None else torch.tensor(group.scales, dtype=dtype, device=device)
@@ -247,10 +233,3 @@ class _Plan:
         if not group.batched:
             v = v.reshape(1).to(stats.dtype)
         return v if self.scales is None else v * self.scales
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
