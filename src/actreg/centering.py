@@ -15,7 +15,7 @@ is moved to the new one exactly (with ``delta = c_new - c_old``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,45 +63,32 @@ def recenter_block(block: Tensor, layout: Layout, index: int, delta: Tensor) -> 
     Moves the fused centred primitives and the centred statistics of penalties that record their
     own; everything else is unchanged. Differentiable (a linear map of ``block``).
     """
-    spec = layout.specs[index]
-    assert spec is not None
     base = layout.offsets[index]
 
-    def local(where: Where) -> tuple[int, int]:
-        return where.offset - base, where.numel
+    def view(w: Where) -> Tensor:
+        return block.narrow(0, w.offset - base, w.numel).view(w.shape)
 
-    pieces = dict(_views(block, layout.activity(index), base))
-    moved: dict[int, Tensor] = {}
-    n = pieces["count"]
-    if "csum" in pieces:
-        stats = {k: pieces[k] for k in ("csum", "csq", "couter") if k in pieces}
-        kinds = {"csum": "first", "csq": "square", "couter": "outer"}
-        out = recenter({**stats, "count": n}, {k: kinds[k] for k in stats}, delta)
-        for name in stats:
-            moved[layout.activity(index)[name].offset - base] = out[name]
-    slot = layout.slots[index]
-    for label, p in slot.own_records():
-        if not p.centered:
-            continue
-        places = layout.where(index, label)
-        stats = {k: block.narrow(0, *local(w)).view(w.shape) for k, w in places.items()}
-        out = recenter(stats, p.centered, delta)
-        for k in p.centered:
-            moved[places[k].offset - base] = out[k]
+    moved: dict[int, Tensor] = {}  # start in the block -> moved statistic
+    activity = layout.activity(index)
+    fused = {"csum": "first", "csq": "square", "couter": "outer"}
+    kinds = {name: kind for name, kind in fused.items() if name in activity}
+    if kinds:
+        out = recenter({name: view(activity[name]) for name in (*kinds, "count")}, kinds, delta)
+        moved.update({activity[name].offset - base: out[name] for name in kinds})
+    for label, p in layout.slots[index].own:
+        if p.centered:
+            places = layout.where(index, label)
+            out = recenter({k: view(w) for k, w in places.items()}, p.centered, delta)
+            moved.update({places[k].offset - base: out[k] for k in p.centered})
     if not moved:
         return block
-    pieces_out, at = [], 0
+    pieces, at = [], 0
     for start in sorted(moved):
         t = moved[start].reshape(-1)
         if start > at:
-            pieces_out.append(block.narrow(0, at, start - at))
-        pieces_out.append(t)
+            pieces.append(block.narrow(0, at, start - at))
+        pieces.append(t)
         at = start + t.numel()
     if at < block.numel():
-        pieces_out.append(block.narrow(0, at, block.numel() - at))
-    return torch.cat(pieces_out)
-
-
-def _views(block: Tensor, places: Mapping[str, Where], base: int) -> Iterator[tuple[str, Tensor]]:
-    for name, w in places.items():
-        yield name, block.narrow(0, w.offset - base, w.numel).view(w.shape)
+        pieces.append(block.narrow(0, at, block.numel() - at))
+    return torch.cat(pieces)

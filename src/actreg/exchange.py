@@ -26,11 +26,6 @@ if TYPE_CHECKING:
     from .recording import Records
 
 
-def surrogate(global_stats: Tensor, local_stats: Tensor, grad_scale: float) -> Tensor:
-    """A tensor equal to ``global_stats`` whose gradient w.r.t. ``local_stats`` is ``grad_scale``."""
-    return global_stats + grad_scale * (local_stats - local_stats.detach())
-
-
 class Exchange:
     """All communication of one regularizer, over one (data-parallel) process group.
 
@@ -96,10 +91,6 @@ class Exchange:
         for p in model.parameters():
             return p.device
         return torch.device("cpu")
-
-    def device(self) -> torch.device | None:
-        """The device the backend needs tensors on (CUDA for NCCL), or None for 'any'."""
-        return self._device
 
     def _backend_device(self) -> torch.device | None:
         if not self.distributed:

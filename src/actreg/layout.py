@@ -10,6 +10,7 @@ order.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,10 +60,6 @@ class Slot:
         optional = frozenset(wanted - {"count", "abs_sum", "sq_sum"})
         return BlockSpec(d, optional, frozenset(differentiated), threshold, rows if "couter" in wanted else 0)
 
-    def own_records(self) -> list[tuple[str, Penalty]]:
-        """Penalties that record their own statistics (no fused primitives), with their labels."""
-        return self.own
-
 
 def unique_labels(penalties: Sequence[Penalty]) -> tuple[str, ...]:
     """``("L1", "L2", "L1_2")``: penalty names, numbered from the second of a kind on."""
@@ -85,10 +82,7 @@ class Where:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 class Layout:
@@ -153,9 +147,7 @@ class Layout:
     @staticmethod
     def _own_size(slot: Slot, d: int) -> int:
         return sum(
-            Where(0, tuple(shape)).numel
-            for _, p in slot.own_records()
-            for shape in p.statistic_shapes(d).values()
+            math.prod(shape) for _, p in slot.own for shape in p.statistic_shapes(d).values()
         )
 
     def where(self, index: int, label: str) -> dict[str, Where]:
@@ -174,7 +166,7 @@ class Layout:
                     out[stat] = Where(base + spec.offsets[prim], tuple(shapes[stat]))
             return out
         at = base + spec.size
-        for own_label, q in slot.own_records():
+        for own_label, q in slot.own:
             places = {}
             for stat, shape in q.statistic_shapes(d).items():
                 places[stat] = Where(at, tuple(shape))

@@ -150,7 +150,7 @@ class Recorder:
             )
         acc = self._acc(x)
         block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc, row)
-        own = list(self.layout.slots[index].own_records())
+        own = self.layout.slots[index].own
         if not own:
             return block
         pieces = [block]

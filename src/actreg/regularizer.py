@@ -97,7 +97,7 @@ class ActivityRegularizer:
         self.recorder = Recorder(self.layout, named_modules(self._root), self.shifts)
         self.recorder.dtype = stats_dtype
         self.ema = MovingAverage(self.layout, self.decay)
-        self.verdicts = Verdicts(nonfinite)
+        self.verdicts = Verdicts(nonfinite, self.slot_names)
         self._exchange: Exchange | None = None
         self._agreed = False
         self._evaluator: tuple[int, Evaluator] | None = None
@@ -190,7 +190,7 @@ class ActivityRegularizer:
         ``nonfinite="raise"``. Called by :meth:`loss`, :meth:`metrics` and :meth:`state_dict`;
         call it yourself after the last step of a run.
         """
-        self.verdicts.check(self._get_exchange().who, self._describe)
+        self.verdicts.check(self._get_exchange().who, self._explain_nonfinite)
 
     def _values(self, dtype: torch.dtype, device: torch.device) -> Evaluator:
         if self._evaluator is None or self._evaluator[0] != self.layout.version:
@@ -205,10 +205,8 @@ class ActivityRegularizer:
     def _dtype_device(self, ex: Exchange) -> tuple[torch.dtype, torch.device]:  # of the step buffer
         return self.recorder.dtype or torch.float32, ex.buffer_device(self.recorder.device, self._root)
 
-    def _describe(self, what: str, detail: Any) -> str:
-        if what == "slot":
-            return repr(self.layout.slots[detail].name) if 0 <= detail < len(self.layout.slots) else "?"
-        return nonfinite_message(self.layout, *self._current_values(detail), wire=detail)
+    def _explain_nonfinite(self, wire: Tensor) -> str:
+        return nonfinite_message(self.layout, *self._current_values(wire), wire=wire)
 
     def metrics(self) -> dict[str, float]:
         """Figures of the last :meth:`loss` call, from its collective (no extra communication).

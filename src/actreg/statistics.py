@@ -24,6 +24,7 @@ never depend on data, so nothing waits for the device.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,21 +77,14 @@ class BlockSpec:
         out, at = {}, 0
         for name in self.present:
             out[name] = at
-            at += _numel(self.shape(name))
+            at += math.prod(self.shape(name))
         return out
 
     def _size(self) -> int:
-        return sum(_numel(self.shape(p)) for p in self.present)
+        return sum(math.prod(self.shape(p)) for p in self.present)
 
     def _centred(self) -> bool:
         return bool(self.wanted & {"csum", "csq", "couter"})
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 _COUNTS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
@@ -195,8 +189,14 @@ class FusedStatistics(torch.autograd.Function):
         return gx, None, None, None, None, None
 
 
+def _shifted(x: Tensor, shift: Tensor | None, acc: torch.dtype) -> Tensor:
+    """``x - shift`` in the accumulation dtype (``x`` itself when there is no shift)."""
+    return x.to(acc) if shift is None else x - shift
+
+
 def _centred(x: Tensor, keep: Tensor | None, shift: Tensor | None, acc: torch.dtype) -> Tensor:
-    xc = x.to(acc) if shift is None else x - shift
+    """The rows the centred statistics sum: ``x - shift``, masked positions set to 0."""
+    xc = _shifted(x, shift, acc)
     if keep is not None:
         xc = torch.where(keep.unsqueeze(-1), xc, 0)
     return xc
@@ -212,7 +212,7 @@ def _centred_grad(
     row_offset: int,
 ) -> Tensor:
     d, at, diff = spec.d, spec.offsets, spec.differentiated
-    xc = x.to(acc) if shift is None else x - shift
+    xc = _shifted(x, shift, acc)  # the mask is applied to the whole gradient by the caller
     gx: Tensor | None = None
     if "csum" in diff:
         gx = grad[at["csum"] : at["csum"] + d]
@@ -246,9 +246,7 @@ def fused_statistics(
     rows go to rows ``row_offset ...`` of the block's row area."""
     if shift is not None and (shift.device != x.device or shift.dtype != acc):
         shift = shift.to(device=x.device, dtype=acc)
-    if not _autocast_enabled(x.device.type):
-        return FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    with no_autocast(x):
         return FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
 
 

@@ -13,6 +13,7 @@ step's penalty and gradient were zero.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,9 @@ class Posted:
 class Verdicts:
     """The last step's decision, waiting to be read."""
 
-    def __init__(self, nonfinite: str) -> None:
+    def __init__(self, nonfinite: str, slot_names: Sequence[str]) -> None:
         self.nonfinite = nonfinite
+        self.slot_names = list(slot_names)  #: to name a failing rank's slot
         self._posted: Posted | None = None
         # host memory the flags are copied into: [NaN marker, failed ranks, failing rank, failing
         # slot, ok]; read back through a memoryview (pinned and filled asynchronously on a GPU)
@@ -71,7 +73,7 @@ class Verdicts:
             return self._host.tolist()  # host memory: no device synchronisation
         return list(memoryview(self._bytes).cast(fmt)[: HEADER + 1])
 
-    def check(self, who: str, describe: callable) -> None:  # type: ignore[valid-type]
+    def check(self, who: str, explain_nonfinite: Callable[[Tensor], str]) -> None:
         """Raise the posted step's error (on every rank alike); no-op when it went well."""
         posted, self._posted = self._posted, None
         if posted is None:
@@ -88,16 +90,15 @@ class Verdicts:
                 raise RecordingError(
                     f"[actreg, {who}] recording failed on this rank in step {posted.step}: {detail}"
                 )
-            where = (
-                f"rank {int(rank)} ({describe('slot', int(slot))})" if failed == 1 else f"{int(failed)} ranks"
-            )
+            name = self.slot_names[int(slot)] if 0 <= slot < len(self.slot_names) else "?"
+            where = f"rank {int(rank)} ({name!r})" if failed == 1 else f"{int(failed)} ranks"
             raise RecordingError(
                 f"[actreg, {who}] recording failed on {where} in step {posted.step} (see the error on "
                 "that rank); the penalty of that step was zero and every rank stops here"
             )
         if self.nonfinite == "raise":
             raise NonFiniteStatisticError(
-                f"[actreg, {who}] step {posted.step}: {describe('nonfinite', posted.wire)}; "
+                f"[actreg, {who}] step {posted.step}: {explain_nonfinite(posted.wire)}; "
                 "look for exploding activations or a bad learning rate, or pass nonfinite='skip' to "
                 "drop the penalty on such steps (that step's penalty was zero)"
             )
