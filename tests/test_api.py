@@ -30,8 +30,12 @@ def test_pattern_without_module_names_close_modules():
 
 
 def test_penalty_values_are_checked():
-    with pytest.raises(TypeError, match="must be a Penalty"):
+    with pytest.raises(TypeError, match=r"is the string 'L1'; give penalty objects, e\.g\. .*actreg\.L1"):
         actreg.ActivityRegularizer(TwoBranch(), {"head": "L1"})  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="must be a Penalty"):
+        actreg.ActivityRegularizer(TwoBranch(), {"head": [actreg.L1(1.0), 3]})  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="penalties must be a mapping"):
+        actreg.ActivityRegularizer(TwoBranch(), "L1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="sync must be one of"):
         actreg.ActivityRegularizer(TwoBranch(), {"head": actreg.L1(1.0)}, sync="global-ish")
     with pytest.raises(ValueError, match="decay"):

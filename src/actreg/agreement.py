@@ -46,6 +46,8 @@ def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
     communicate = reg.mode.communicates and ex.world_size > 1
     layout = reg.layout
     if not reg._agreed:
+        # in every mode, ``local`` included: ranks that differ in any setting must fail together
+        # here rather than meet in mismatched collectives later
         agreement = agree(ex, propose(reg, records), communicate, layout)
         for index, d in agreement.dims.items():
             layout.set_dim(index, d)
@@ -74,19 +76,26 @@ def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
     }
     description = {
         "sync": reg.sync,
+        "nonfinite": reg.nonfinite,
+        "record_eval": reg.record_eval,
         "decay": reg.decay if reg.mode.moving_average else None,
         "grad_scale": reg.grad_scale,
         "stats_dtype": str(reg.stats_dtype),
         "activity_threshold": reg.activity_threshold,
         "slots": reg.layout.describe(),
+        "loaded_dims": sorted(reg._loaded_dims.items()),
     }
     dims = [reg.recorder.seen.get(i) for i in range(len(reg.layout.slots))]
     return Proposal(description, dims, str(dtype), shifts, dict(records.positions))
 
 
 def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout) -> Agreement:
-    """Every rank's proposal, compared; raises the same error on every rank if they differ."""
-    everyone: list[Proposal] = exchange.gather_objects(mine) if communicate else [mine]  # type: ignore[assignment]
+    """Every rank's proposal, compared; raises the same error on every rank if they differ.
+
+    The proposals are gathered whenever the group has more than one rank, in every mode; what
+    is adopted from the other ranks (first shifts, rows) only when the step ``communicate``s.
+    """
+    everyone: list[Proposal] = exchange.gather_objects(mine)  # type: ignore[assignment]
     descriptions = [p.description for p in everyone]
     if any(d != descriptions[0] for d in descriptions):
         raise LayoutMismatchError(
@@ -110,7 +119,7 @@ def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout)
         dtype = torch.promote_types(dtype, getattr(torch, p.dtype.replace("torch.", "")))
     # first step of centred slots: the count-weighted mean of the ranks' own shifts
     per_slot: dict[int, list[tuple[float, list[float]]]] = {}
-    for p in everyone:
+    for p in everyone if communicate else [mine]:
         for i, entry in p.shifts.items():
             per_slot.setdefault(i, []).append(entry)
     first: dict[int, Tensor] = {}

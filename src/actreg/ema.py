@@ -10,9 +10,6 @@ to and from the nested ``{slot: {penalty label: {statistic: tensor}}}`` of globa
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -20,23 +17,6 @@ from .centering import recenter_block
 from .layout import Layout, Where
 
 Nested = dict[str, dict[str, dict[str, Tensor]]]
-
-
-def check_state(layout: Layout, state_dict: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` if ``state_dict`` does not belong to a regularizer of ``layout``."""
-    if state_dict.get("version") != 1:
-        raise ValueError(f"unsupported actreg state version {state_dict.get('version')!r}")
-    known = {s.name: set(s.labels) for s in layout.slots}
-    for slot, per_label in state_dict["ema"].items():
-        for label in per_label:
-            if label not in known.get(slot, set()):
-                raise ValueError(
-                    f"state has EMA statistics for {slot}/{label}, which this regularizer does "
-                    f"not have (slots: {sorted(known)})"
-                )
-    for slot in state_dict.get("shift", {}):
-        if slot not in known:
-            raise ValueError(f"state has a shift for {slot!r}, which this regularizer does not have")
 
 
 class MovingAverage:

@@ -44,6 +44,8 @@ class Recorder:
         self.seen: dict[int, int] = {}  #: feature size each slot was recorded with on this rank
         self.dtype: torch.dtype | None = None  #: statistics dtype, once agreed (or given)
         self.device: torch.device | None = None  #: device of the first recorded activation
+        self.record_eval = False  #: record modules in eval() mode too
+        self.loaded_dims: dict[int, int] = {}  #: feature sizes of a loaded state (slot index -> d)
         self.recorded_last_step: set[int] = set()
         self._records = Records()
         self._masks: list[tuple[Tensor | None, str]] = []
@@ -59,7 +61,7 @@ class Recorder:
     # ------------------------------------------------------------------ entry points
     def _hook(self, index: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or not (module.training or self.record_eval):
                 return
             x = _first_tensor(output)
             if x is None:
@@ -187,6 +189,12 @@ class Recorder:
         known = self.layout.dims[index] if self.layout.dims[index] is not None else self.seen.get(index)
         if known is not None and d != known:
             raise ValueError(f"activation has {d} features, earlier ones had {known}")
+        saved = self.loaded_dims.get(index)
+        if saved is not None and d != saved:
+            raise ValueError(
+                f"activation has {d} features, but the state given to load_state_dict was saved with "
+                f"{saved}: it belongs to another model"
+            )
         if (index, d) not in self._checked:
             for p in self.layout.slots[index].penalties:
                 p.check_features(d)

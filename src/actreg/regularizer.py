@@ -7,23 +7,27 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 from .agreement import settle
-from .ema import MovingAverage, check_state
+from .ema import MovingAverage
 from .exchange import Exchange, Exchanged, Packer
+from .joining import ShadowStep, arrange, private_group
 from .layout import Layout
 from .metrics import nonfinite_message, step_metrics
 from .modes import mode
 from .penalty import Penalty
-from .recording import Recorder
+from .recording import Recorder, Records
 from .shifts import Shifts
 from .slots import build_slots, named_modules, unwrap
+from .state import check_state_dict
 from .values import Evaluator, build_groups
 from .verdicts import Verdicts
 
 
-class ActivityRegularizer:
+class ActivityRegularizer(Joinable):
     """Activity penalties on a model's layers with global-batch semantics under data parallelism.
 
     Args:
@@ -55,6 +59,14 @@ class ActivityRegularizer:
             ``NonFiniteStatisticError`` on every rank; ``"skip"``: never raise, count the skipped
             steps in ``metrics()["skipped_steps"]``.
         activity_threshold: a unit is *active* at a position where ``|x| > activity_threshold``.
+        record_eval: also record modules in ``eval()`` mode. By default a module records only
+            while ``module.training`` (and :meth:`observe` only while the model is training), so
+            an evaluation pass under autograd adds nothing to the next step's penalty.
+
+    Every setting is compared across ranks on the first :meth:`loss` (in every mode): ranks that
+    differ raise the same ``LayoutMismatchError`` together instead of meeting in mismatched
+    collectives. Uneven numbers of steps per rank: use ``torch.distributed.algorithms.Join``
+    with the regularizer among the joinables (see :mod:`actreg.joining`).
 
     A step reads nothing back from the device: errors met while recording (on any rank) and
     non-finite statistics are decided from the reduced buffer and raised by the *next* call (see
@@ -74,10 +86,22 @@ class ActivityRegularizer:
         stats_dtype: torch.dtype | None = None,
         nonfinite: str = "raise",
         activity_threshold: float = 0.0,
+        record_eval: bool = False,
     ) -> None:
+        super().__init__()  # Joinable
         self.mode = mode(sync)
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must lie in [0, 1), got {decay}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        if isinstance(activity_threshold, bool) or not isinstance(activity_threshold, (int, float)) or not (
+            0.0 <= activity_threshold < float("inf")
+        ):
+            raise ValueError(f"activity_threshold must be a finite number >= 0, got {activity_threshold!r}")
+        if grad_scale is not None and (
+            isinstance(grad_scale, bool)
+            or not isinstance(grad_scale, (int, float))
+            or not 0 < grad_scale < float("inf")
+        ):
+            raise ValueError(f"grad_scale must be a finite number > 0 (or None), got {grad_scale!r}")
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if stats_dtype is not None and not stats_dtype.is_floating_point:
@@ -89,6 +113,7 @@ class ActivityRegularizer:
         self.stats_dtype = stats_dtype
         self.nonfinite = nonfinite
         self.activity_threshold = float(activity_threshold)
+        self.record_eval = bool(record_eval)
 
         self._root = unwrap(model)
         self.layout = Layout(build_slots(self._root, penalties, list(observed)), self.activity_threshold)
@@ -96,6 +121,7 @@ class ActivityRegularizer:
         self.shifts = Shifts(self.layout)
         self.recorder = Recorder(self.layout, named_modules(self._root), self.shifts)
         self.recorder.dtype = stats_dtype
+        self.recorder.record_eval = self.record_eval
         self.ema = MovingAverage(self.layout, self.decay)
         self.verdicts = Verdicts(nonfinite, self.slot_names)
         self._exchange: Exchange | None = None
@@ -106,6 +132,10 @@ class ActivityRegularizer:
         self._steps = 0
         self._skipped: Tensor | None = None
         self._last: tuple[Tensor, Tensor] | None = None  # (reduced buffer, step went well)
+        self._join_group: Any = None  # private process group, once a Join was built (see joining)
+        self._join_arranged: Any = None  # the join config that `arrange` has seen
+        self._loaded_dims: dict[int, int] = {}  # feature sizes of a loaded state, checked at step 1
+        self.recorder.loaded_dims = self._loaded_dims
 
     @property
     def slot_names(self) -> list[str]:
@@ -123,7 +153,7 @@ class ActivityRegularizer:
                 f"reg.observe({name!r}): no penalties are registered under that name; "
                 f"known names: {self.slot_names}"
             )
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (self._root.training or self.record_eval):
             self.recorder.record(self._names[name], tensor, mask)
 
     @contextlib.contextmanager
@@ -146,7 +176,16 @@ class ActivityRegularizer:
         rank, what the previous step decided (see :meth:`check`).
         """
         self.check()  # raise what the previous step decided, on every rank alike
-        records = self.recorder.take()  # this step's records
+        Join.notify_join_context(self)  # (inside a Join: this rank still trains)
+        return self._step(self.recorder.take())  # this step's records
+
+    def _shadow_step(self) -> None:
+        """A joined rank's step (see :mod:`actreg.joining`): zeros for its statistics, same state."""
+        self.recorder.take()  # nothing should be pending; drop it if something is
+        with torch.no_grad():
+            self._step(Records())
+
+    def _step(self, records: Records) -> Tensor:
         ex, communicate = settle(self, records)  # (first step) agree across ranks
         used = self.shifts.common(records.blocks, communicate)  # one centring shift per slot
         dtype, device = self._dtype_device(ex)
@@ -199,8 +238,34 @@ class ActivityRegularizer:
 
     def _get_exchange(self) -> Exchange:
         if self._exchange is None:
-            self._exchange = Exchange(self.process_group)
+            self._exchange = Exchange(self._join_group or self.process_group)
         return self._exchange
+
+    # ------------------------------------------------------------------ Joinable
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        """The hook ``Join`` runs on a rank that has run out of inputs (see :mod:`actreg.joining`).
+
+        Called by every rank when the ``Join`` is built: from then on the regularizer exchanges
+        over a private group with the same ranks, so its collectives pair in order with the
+        shadows of a joined rank whatever the order of the joinables.
+        """
+        if self._join_group is None and dist.is_available() and dist.is_initialized():
+            self._join_group = private_group(self.process_group)
+            self._exchange = None  # the next step exchanges over the private group
+        return ShadowStep(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self._dtype_device(self._get_exchange())[1]
+
+    @property
+    def join_process_group(self) -> Any:
+        if not self._join_config.is_first_joinable:  # read while Join(...) is built
+            arrange(self)
+        elif self._join_arranged is not self._join_config:
+            self._join_arranged = self._join_config
+            arrange(self)  # (first joinable: also read every step; arrange once per Join)
+        return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def _dtype_device(self, ex: Exchange) -> tuple[torch.dtype, torch.device]:  # of the step buffer
         return self.recorder.dtype or torch.float32, ex.buffer_device(self.recorder.device, self._root)
@@ -235,11 +300,12 @@ class ActivityRegularizer:
         return evaluator.order(), values
 
     def state_dict(self) -> dict[str, Any]:
-        """State (identical on every rank): ``{"version", "sync", "decay", "step", "ema", "shift"}``.
+        """State (identical on every rank): ``{"version", "sync", "decay", "step", "ema", "shift", "dims"}``.
 
         ``ema`` maps slot name -> penalty label -> statistic -> tensor of *global* sums, so it
         does not depend on the world size; ``shift`` maps slot name -> the shift around which its
-        centred statistics are taken (see :mod:`actreg.centering`).
+        centred statistics are taken (see :mod:`actreg.centering`); ``dims`` maps slot name -> the
+        feature size of each slot that has run.
         """
         self.check()
         return {
@@ -249,14 +315,30 @@ class ActivityRegularizer:
             "step": self.ema.step_count(),
             "ema": self.ema.state() if self.mode.moving_average else {},
             "shift": self.shifts.state(),
+            "dims": {
+                s.name: size
+                for i, (s, d) in enumerate(zip(self.layout.slots, self.layout.dims, strict=True))
+                if (size := d or self._loaded_dims.get(i)) is not None
+            },
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (saved at any world size)."""
-        check_state(self.layout, state_dict)
-        steps = int(state_dict["step"])
-        self.ema.load(state_dict["ema"], steps)
-        self.shifts.load(dict(state_dict.get("shift", {})))
+        """Restore :meth:`state_dict` output (saved at any world size).
+
+        Everything is validated before anything is applied (see :mod:`actreg.state`): a state of
+        another ``sync`` or ``decay``, of other slots, penalties or feature sizes, with missing or
+        damaged statistics is a ``ValueError`` naming the key, and leaves the regularizer as it was.
+        """
+        loaded = check_state_dict(
+            self.layout,
+            state_dict,
+            sync=self.sync,
+            decay=self.decay,
+            moving_average=self.mode.moving_average,
+        )
+        self.ema.load(loaded.ema, loaded.step)
+        self.shifts.load(loaded.shift)
+        self._loaded_dims = self.recorder.loaded_dims = dict(loaded.dims)
 
     def remove(self) -> None:
         """Remove every hook; recorded but unused statistics are dropped."""

@@ -38,6 +38,11 @@ def named_modules(root: nn.Module) -> dict[str, nn.Module]:
 
 
 def _as_penalties(pattern: str, value: Penalty | Sequence[Penalty]) -> list[Penalty]:
+    if isinstance(value, str):
+        raise TypeError(
+            f"penalties[{pattern!r}] is the string {value!r}; give penalty objects, e.g. "
+            "{'fc1': actreg.L1(1e-3)} or {'fc1': [actreg.L1(1e-3), actreg.DeCov(0.1)]}"
+        )
     items = (
         [value]
         if isinstance(value, Penalty)
@@ -56,6 +61,11 @@ def build_slots(
     root: nn.Module, penalties: Mapping[str, Penalty | Sequence[Penalty]], observed: list[str]
 ) -> list[Slot]:
     """One slot per matched module (in ``named_modules()`` order), then one per observed name."""
+    if not isinstance(penalties, Mapping):
+        raise TypeError(
+            "penalties must be a mapping {pattern: penalty or [penalties]}, got "
+            f"{type(penalties).__name__} {penalties!r:.80}; e.g. {{'fc1': actreg.L1(1e-3)}}"
+        )
     if not penalties:
         raise ValueError("penalties is empty: give at least one {pattern: penalty}")
     names = list(named_modules(root))
