@@ -23,6 +23,7 @@ from .penalties import (
 )
 from .positions import positions
 from .regularizer import ActivityRegularizer
+from .weights import WeightL1, WeightL2, WeightPenalty
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,9 @@ __all__ = [
     "Penalty",
     "RecordingError",
     "VarianceFloor",
+    "WeightL1",
+    "WeightL2",
+    "WeightPenalty",
     "ZLoss",
     "__version__",
     "count_of",

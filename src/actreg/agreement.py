@@ -69,6 +69,9 @@ def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
     dtype = reg.stats_dtype or torch.float32
     for b in records.blocks.values():
         dtype = torch.promote_types(dtype, b.dtype)
+    if reg.weights is not None:  # weight sums travel in the same buffer
+        for t in reg.weights.parameters():
+            dtype = torch.promote_types(dtype, t.dtype)
     shifts = {
         i: (float(records.blocks[i][0].detach()), s.detach().double().cpu().tolist())
         for i, s in reg.shifts.local_shifts().items()
@@ -83,6 +86,7 @@ def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
         "stats_dtype": str(reg.stats_dtype),
         "activity_threshold": reg.activity_threshold,
         "slots": reg.layout.describe(),
+        "weights": reg.weights.describe() if reg.weights is not None else None,
         "loaded_dims": sorted(reg._loaded_dims.items()),
     }
     dims = [reg.recorder.seen.get(i) for i in range(len(reg.layout.slots))]

@@ -25,6 +25,7 @@ from .slots import build_slots, named_modules, unwrap
 from .state import check_state_dict
 from .values import Evaluator, build_groups
 from .verdicts import Verdicts
+from .weights import WeightPenalty, WeightTerms
 
 
 class ActivityRegularizer(Joinable):
@@ -33,11 +34,12 @@ class ActivityRegularizer(Joinable):
     Args:
         model: an ``nn.Module``, plain or wrapped in DDP (module names are those of the unwrapped
             model; FSDP / checkpoint / ``torch.compile`` wrapper prefixes are removed).
-        penalties: ``{glob: penalty or [penalties]}``; each glob is matched with ``fnmatch``
-            against ``named_modules()`` names. Every matched module is its own *slot*: its output
-            (first element of a tuple output) is recorded on every call during a forward with
-            autograd enabled, and its penalties are summed into :meth:`loss`. A glob matching no
-            module is a ``ValueError`` unless it is listed in ``observed``.
+        penalties: ``{glob: penalty or [penalties]}`` (may be empty when ``weights`` is given);
+            each glob is matched with ``fnmatch`` against ``named_modules()`` names. Every matched
+            module is its own *slot*: its output (first element of a tuple output) is recorded on
+            every call during a forward with autograd enabled (in training mode), and its penalties
+            are summed into :meth:`loss`. A glob matching no module is a ``ValueError`` unless it
+            is listed in ``observed``.
         sync: ``"local"`` -- per-worker statistics, no communication; ``"global"`` -- statistics of
             the global batch, exact gradients; ``"ema"`` -- moving average of global statistics,
             ``E_t = decay * E_{t-1} + (1 - decay) * S_t``.
@@ -59,6 +61,12 @@ class ActivityRegularizer(Joinable):
             ``NonFiniteStatisticError`` on every rank; ``"skip"``: never raise, count the skipped
             steps in ``metrics()["skipped_steps"]``.
         activity_threshold: a unit is *active* at a position where ``|x| > activity_threshold``.
+        weights: ``{glob: WeightL2(λ) | WeightL1(λ) | [both]}``: penalties on parameters,
+            ``λ·Σ p²`` / ``λ·Σ |p|`` over every matched parameter, whole -- also when it is sharded
+            (FSDP2 ``fully_shard``). Globs are matched against ``named_parameters()`` names (wrapper
+            prefixes removed); the sums ride in the step's one collective (see
+            :mod:`actreg.weights`). Their values appear in :meth:`metrics` as
+            ``"weights/WeightL2"`` (``"weights/WeightL2_2"``, ... when repeated).
         record_eval: also record modules in ``eval()`` mode. By default a module records only
             while ``module.training`` (and :meth:`observe` only while the model is training), so
             an evaluation pass under autograd adds nothing to the next step's penalty.
@@ -87,6 +95,7 @@ class ActivityRegularizer(Joinable):
         nonfinite: str = "raise",
         activity_threshold: float = 0.0,
         record_eval: bool = False,
+        weights: Mapping[str, WeightPenalty | Sequence[WeightPenalty]] | None = None,
     ) -> None:
         super().__init__()  # Joinable
         self.mode = mode(sync)
@@ -116,7 +125,9 @@ class ActivityRegularizer(Joinable):
         self.record_eval = bool(record_eval)
 
         self._root = unwrap(model)
-        self.layout = Layout(build_slots(self._root, penalties, list(observed)), self.activity_threshold)
+        self.weights = WeightTerms(self._root, weights) if weights else None
+        slots = build_slots(self._root, penalties, list(observed), allow_empty=self.weights is not None)
+        self.layout = Layout(slots, self.activity_threshold)
         self._names = {s.name: i for i, s in enumerate(self.layout.slots)}
         self.shifts = Shifts(self.layout)
         self.recorder = Recorder(self.layout, named_modules(self._root), self.shifts)
@@ -132,6 +143,7 @@ class ActivityRegularizer(Joinable):
         self._steps = 0
         self._skipped: Tensor | None = None
         self._last: tuple[Tensor, Tensor] | None = None  # (reduced buffer, step went well)
+        self._last_weights: Tensor | None = None  # reduced weight sums of the last step
         self._join_group: Any = None  # private process group, once a Join was built (see joining)
         self._join_arranged: Any = None  # the join config that `arrange` has seen
         self._loaded_dims: dict[int, int] = {}  # feature sizes of a loaded state, checked at step 1
@@ -191,14 +203,25 @@ class ActivityRegularizer(Joinable):
         dtype, device = self._dtype_device(ex)
         g = ex.gradient_scale(self.grad_scale) if communicate else 1.0
         header, blocks = self.packer.pack(records, ex.rank, dtype, device)  # pack
-        wire = Exchanged.apply(ex, communicate, g, self.packer.rows_plan(), header, *blocks)  # one collective
+        plan = self.packer.rows_plan()
+        if self.weights is not None:  # the weight sums ride at the end of the same buffer
+            blocks.append(self.weights.block(dtype, device, ex.world_size if communicate else 1, g))
+            plan = None if plan is None else [*plan, None]
+        wire = Exchanged.apply(ex, communicate, g, plan, header, *blocks)  # one collective
 
         with torch.no_grad():  # (under autograd, isfinite would save its input for backward)
             # one sum: NaN and inf propagate (inf - inf is NaN); also False when a rank failed to
             # record (NaN header). (isfinite().all() is ~40x slower on a CPU.)
             ok = torch.isfinite(wire.sum())
+        weight_sums = None
+        if self.weights is not None:
+            weight_sums = wire.narrow(0, self.layout.size, len(self.weights))
+            wire = wire.narrow(0, 0, self.layout.size)
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
         total = self._values(dtype, device).total(stats, batch_scale, ok)  # no NaN flows back
+        if weight_sums is not None:
+            total = total + weight_sums @ self.weights.coefficients(dtype, device)  # type: ignore[union-attr]
+            self._last_weights = weight_sums.detach()
         with torch.no_grad():
             ok = ok & torch.isfinite(total)  # decisions: a failed step's penalty and gradient are 0
         total = torch.where(ok, total, 0.0)
@@ -287,7 +310,14 @@ class ActivityRegularizer(Joinable):
             return {}
         wire, ok = self._last
         skipped = None if self.nonfinite != "skip" else 0.0 if self._skipped is None else float(self._skipped)
-        return step_metrics(self.layout, *self._current_values(wire), wire, bool(ok), skipped)
+        out = step_metrics(self.layout, *self._current_values(wire), wire, bool(ok), skipped)
+        if self.weights is not None and self._last_weights is not None:
+            values = self._last_weights * self.weights.coefficients(wire.dtype, wire.device)
+            figures = values.tolist() if bool(ok) else [0.0] * len(self.weights)
+            for label, v in zip(self.weights.labels, figures, strict=True):
+                out[f"weights/{label}"] = v
+            out["total"] += sum(figures)
+        return out
 
     def _current_values(self, wire: Tensor) -> tuple[list[tuple[int, str]], Tensor]:
         """Penalty values of the last step (recomputed from its statistics, not kept by the step)."""

@@ -58,7 +58,10 @@ def _as_penalties(pattern: str, value: Penalty | Sequence[Penalty]) -> list[Pena
 
 
 def build_slots(
-    root: nn.Module, penalties: Mapping[str, Penalty | Sequence[Penalty]], observed: list[str]
+    root: nn.Module,
+    penalties: Mapping[str, Penalty | Sequence[Penalty]],
+    observed: list[str],
+    allow_empty: bool = False,
 ) -> list[Slot]:
     """One slot per matched module (in ``named_modules()`` order), then one per observed name."""
     if not isinstance(penalties, Mapping):
@@ -66,8 +69,8 @@ def build_slots(
             "penalties must be a mapping {pattern: penalty or [penalties]}, got "
             f"{type(penalties).__name__} {penalties!r:.80}; e.g. {{'fc1': actreg.L1(1e-3)}}"
         )
-    if not penalties:
-        raise ValueError("penalties is empty: give at least one {pattern: penalty}")
+    if not penalties and not allow_empty:
+        raise ValueError("penalties is empty: give at least one {pattern: penalty} (or weights=...)")
     names = list(named_modules(root))
     per_module: dict[str, list[Penalty]] = {}
     per_observed: dict[str, list[Penalty]] = {name: [] for name in observed}
