@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from .penalty import BATCH_COUNT, Penalty, Shapes, Stats, _per_unit, count_of, nonzero
+from .penalty import BATCH_COUNT, Penalty, Shapes, Stats, _per_unit, count_of, nonzero, real_parameter
 
 
 class OffDiagonalEnergy(torch.autograd.Function):
@@ -65,14 +65,14 @@ def _bessel(stats: Stats) -> tuple[Tensor, Tensor]:
 
 class _GramPenalty(Penalty):
     """A penalty of the covariance of the features: first moments, Gram matrix and count, taken
-    around the slot's shift."""
+    around the slot's shift. ``weight``: a finite number >= 0."""
 
     centered: ClassVar[dict[str, str]] = {"sum": "first", "outer": "outer"}
     _primitives: ClassVar[dict[str, str]] = {"sum": "csum", "outer": "couter", "count": "count"}
     _batchable = True
 
     def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
+        self.weight = real_parameter(type(self).__name__, "weight", weight)
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"sum": (d,), "outer": (d, d), "count": ()}
@@ -88,6 +88,7 @@ class DeCov(_GramPenalty):
     """DeCov (Cogswell et al., 2016): ``weight * 0.5 * (||C||_F^2 - ||diag C||^2)``.
 
     ``C = sum_i x_i x_i^T / n - mu mu^T`` is the biased covariance of the features.
+    ``weight``: a finite number >= 0.
     """
 
     def value(self, stats: Stats) -> Tensor:
@@ -98,7 +99,9 @@ class VarianceFloor(Penalty):
     """VICReg variance term: ``weight * mean_j relu(gamma - sqrt(var_j + eps))``.
 
     ``var_j`` is the unbiased variance ``(sum_i x_ij^2 - n mu_j^2) / (n - 1)``; with ``n <= 1`` it is
-    undefined and the penalty is 0.
+    undefined and the penalty is 0. ``weight``: a finite number >= 0; ``gamma`` (the target
+    standard deviation): a finite number > 0; ``eps``: a finite number > 0 (it keeps the square
+    root's gradient finite at zero variance).
     """
 
     centered: ClassVar[dict[str, str]] = {"sum": "first", "sq_sum": "square"}
@@ -106,9 +109,10 @@ class VarianceFloor(Penalty):
     _batchable = True
 
     def __init__(self, weight: float, gamma: float = 1.0, eps: float = 1e-4) -> None:
-        self.weight = float(weight)
-        self.gamma = float(gamma)
-        self.eps = float(eps)
+        name = type(self).__name__
+        self.weight = real_parameter(name, "weight", weight)
+        self.gamma = real_parameter(name, "gamma", gamma, open_low=True)
+        self.eps = real_parameter(name, "eps", eps, open_low=True)
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"sum": (d,), "sq_sum": (d,), "count": ()}
@@ -129,6 +133,7 @@ class Covariance(_GramPenalty):
     """VICReg covariance term: ``weight * sum_{i != j} C_ij^2 / d``.
 
     ``C = (sum_i x_i x_i^T - n mu mu^T) / (n - 1)`` is the unbiased covariance; 0 when ``n <= 1``.
+    ``weight``: a finite number >= 0.
     """
 
     def value(self, stats: Stats) -> Tensor:

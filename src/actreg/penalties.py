@@ -27,6 +27,8 @@ from .penalty import (
     _full,
     _masked,
     _per_unit,
+    int_parameter,
+    real_parameter,
 )
 from .penalty import (
     count_of as count_of,
@@ -41,11 +43,11 @@ class L1(Penalty):
     """Mean L1 activity: ``weight * sum_ij |x_ij| / n``.
 
     Equals Keras' ``activity_regularizer=l1(weight)`` for 2-D activations (sum over features,
-    mean over positions).
+    mean over positions). ``weight``: a finite number >= 0.
     """
 
     def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
+        self.weight = real_parameter(type(self).__name__, "weight", weight)
 
     _primitives: ClassVar[dict[str, str]] = {"abs_sum": "abs_sum", "count": "count"}
     _batchable = True
@@ -61,10 +63,13 @@ class L1(Penalty):
 
 
 class L2(Penalty):
-    """Mean squared L2 activity: ``weight * sum_ij x_ij^2 / n`` (Keras ``l2`` for 2-D x)."""
+    """Mean squared L2 activity: ``weight * sum_ij x_ij^2 / n`` (Keras ``l2`` for 2-D x).
+
+    ``weight``: a finite number >= 0.
+    """
 
     def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
+        self.weight = real_parameter(type(self).__name__, "weight", weight)
 
     _primitives: ClassVar[dict[str, str]] = {"sq_sum": "sq_sum", "count": "count"}
     _batchable = True
@@ -80,14 +85,17 @@ class L2(Penalty):
 
 
 class AR(Penalty):
-    """Activation regularization (AWD-LSTM): ``alpha * sum_ij x_ij^2 / (n * d)`` = alpha * mean(x^2)."""
+    """Activation regularization (AWD-LSTM): ``alpha * sum_ij x_ij^2 / (n * d)`` = alpha * mean(x^2).
+
+    ``alpha``: a finite number >= 0.
+    """
 
     _primitives: ClassVar[dict[str, str]] = {"sq_sum": "sq_sum", "elements": "elements"}
     _batchable = True
     _scale = "alpha"
 
     def __init__(self, alpha: float) -> None:
-        self.alpha = float(alpha)
+        self.alpha = real_parameter(type(self).__name__, "alpha", alpha)
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"sq_sum": (), "elements": ()}
@@ -105,6 +113,7 @@ class TAR(Penalty):
     ``beta * mean over elements of (x_t - x_{t-1})^2``, differences taken along ``time_dim`` of the
     activation ``[..., d]``. With a mask, a difference counts only when both of its positions are
     kept. Each recorded call contributes its own differences (no difference across calls).
+    ``beta``: a finite number >= 0; ``time_dim``: an integer (negative counts from the end).
     """
 
     _batchable = True
@@ -112,8 +121,8 @@ class TAR(Penalty):
     _raw_input = True  # record() takes the activation as produced (no float32 copy is kept)
 
     def __init__(self, beta: float, time_dim: int = 1) -> None:
-        self.beta = float(beta)
-        self.time_dim = int(time_dim)
+        self.beta = real_parameter(type(self).__name__, "beta", beta)
+        self.time_dim = int_parameter(type(self).__name__, "time_dim", time_dim)
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"diff_sq_sum": (), "elements": ()}
@@ -145,18 +154,19 @@ class KLSparsity(Penalty):
 
     ``weight * sum_j KL(target || rho_j)`` with ``rho_j = clamp(mu_j, eps, 1 - eps)`` and
     ``KL(p || q) = p log(p/q) + (1-p) log((1-p)/(1-q))``. Activations are expected in [0, 1]
-    (e.g. sigmoid outputs).
+    (e.g. sigmoid outputs). ``target``: a probability in (0, 1); ``weight``: a finite number >= 0;
+    ``eps``: in (0, 0.5), so that the clamp interval ``[eps, 1 - eps]`` is not empty and the
+    logarithms stay finite.
     """
 
     _primitives: ClassVar[dict[str, str]] = {"sum": "sum", "count": "count"}
     _batchable = True
 
     def __init__(self, target: float, weight: float, eps: float = 1e-6) -> None:
-        if not 0.0 < target < 1.0:
-            raise ValueError(f"KLSparsity target must lie in (0, 1), got {target}")
-        self.target = float(target)
-        self.weight = float(weight)
-        self.eps = float(eps)
+        name = type(self).__name__
+        self.target = real_parameter(name, "target", target, 0.0, 1.0, open_low=True, open_high=True)
+        self.weight = real_parameter(name, "weight", weight)
+        self.eps = real_parameter(name, "eps", eps, 0.0, 0.5, open_low=True, open_high=True)
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"sum": (d,), "count": ()}
@@ -176,18 +186,24 @@ class LoadBalance(Penalty):
     """Switch/GShard load-balancing loss on router logits ``[..., num_experts]``.
 
     ``weight * E * sum_e f_e P_e`` with ``f_e = (top-k assignments to e) / (n k)`` (not
-    differentiable) and ``P_e = sum_i softmax(x_i)_e / n``.
+    differentiable) and ``P_e = sum_i softmax(x_i)_e / n``. ``num_experts``: an integer >= 1,
+    equal to the router logits' last dimension (checked when they are recorded); ``top_k``: an
+    integer in [1, num_experts]; ``weight``: a finite number >= 0.
     """
 
     _batchable = True
     _constant: ClassVar[frozenset[str]] = frozenset({"count", "assigned"})
 
     def __init__(self, num_experts: int, top_k: int, weight: float) -> None:
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"LoadBalance needs 1 <= top_k <= num_experts, got {top_k}, {num_experts}")
-        self.num_experts = int(num_experts)
-        self.top_k = int(top_k)
-        self.weight = float(weight)
+        name = type(self).__name__
+        self.num_experts = int_parameter(name, "num_experts", num_experts, 1)
+        self.top_k = int_parameter(name, "top_k", top_k, 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"{name}: top_k must be an integer in [1, num_experts], got top_k={self.top_k} with "
+                f"num_experts={self.num_experts} (a token cannot be routed to more experts than exist)"
+            )
+        self.weight = real_parameter(name, "weight", weight)
 
     def check_features(self, d: int) -> None:
         if d != self.num_experts:
@@ -223,12 +239,15 @@ class LoadBalance(Penalty):
 
 
 class ZLoss(Penalty):
-    """Router z-loss (ST-MoE): ``weight * sum_i logsumexp(x_i)^2 / n`` on router logits."""
+    """Router z-loss (ST-MoE): ``weight * sum_i logsumexp(x_i)^2 / n`` on router logits.
+
+    ``weight``: a finite number >= 0.
+    """
 
     _batchable = True
 
     def __init__(self, weight: float) -> None:
-        self.weight = float(weight)
+        self.weight = real_parameter(type(self).__name__, "weight", weight)
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"lse_sq_sum": (), "count": ()}

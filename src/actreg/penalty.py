@@ -29,11 +29,20 @@ Writing your own penalty takes a few lines::
             return self.weight * ((mean - self.target) ** 2).sum() * (s["count"] > 0)
 
 Every penalty must give ``0`` (with zero gradient, never NaN) when the count is zero.
+
+Built-in penalties check their parameters when they are constructed (:func:`real_parameter`,
+:func:`int_parameter`): a wrong type (a bool, a string, a tensor, a float where an ``int`` is
+meant) is a ``TypeError``; a value outside its range (a NaN or infinite weight, a negative one, a
+probability outside ``(0, 1)``) is a ``ValueError``. Both messages name the penalty, the parameter,
+its value and the rule.
 """
 
 from __future__ import annotations
 
 import abc
+import math
+import numbers
+import operator
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -64,6 +73,64 @@ def count_of(x: Tensor) -> Tensor:
 def nonzero(n: Tensor) -> Tensor:
     """``n`` where it is positive, else 1: a divisor that never produces inf/NaN."""
     return torch.where(n > 0, n, 1.0)
+
+
+def _bound(value: float) -> str:
+    return f"{value:g}"
+
+
+def real_parameter(
+    penalty: str,
+    name: str,
+    value: object,
+    low: float = 0.0,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> float:
+    """``value`` as a float, after checking that it is a finite real number in ``[low, high]``.
+
+    ``open_low``/``open_high`` exclude the bound. A bool is not a number here (``True`` as a
+    weight is a bug). Raises ``TypeError`` for a non-number and ``ValueError`` for a value that
+    is not finite or lies outside the interval; messages read
+    ``"<penalty>: <name> must be <rule>, got <value>"``.
+    """
+    if math.isinf(high):
+        rule = f"a finite number {'>' if open_low else '>='} {_bound(low)}"
+    else:
+        rule = (
+            f"a finite number in {'(' if open_low else '['}{_bound(low)}, {_bound(high)}"
+            f"{')' if open_high else ']'}"
+        )
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{penalty}: {name} must be {rule}, got {value!r} of type {type(value).__name__}")
+    v = float(value)
+    below = v <= low if open_low else v < low
+    above = v >= high if open_high else v > high
+    if not math.isfinite(v) or below or above:
+        raise ValueError(f"{penalty}: {name} must be {rule}, got {value!r}")
+    return v
+
+
+def int_parameter(penalty: str, name: str, value: object, low: int | None = None) -> int:
+    """``value`` as an int, after checking that it is an integer (not a bool) and ``>= low``.
+
+    Raises ``TypeError`` for a non-integer (``2.0`` included: an integer parameter is counted,
+    not measured) and ``ValueError`` for an integer below ``low``.
+    """
+    rule = "an integer" if low is None else f"an integer >= {low}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"{penalty}: {name} must be {rule}, got {value!r} of type {type(value).__name__}"
+        ) from None
+    if low is not None and v < low:
+        raise ValueError(f"{penalty}: {name} must be {rule}, got {v}")
+    return v
 
 
 def _per_unit(n: Tensor) -> Tensor:

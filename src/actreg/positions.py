@@ -2,7 +2,9 @@
 
 Every penalty sees activations as a matrix ``[m positions, d features]``: all leading dimensions
 are positions (batch, time, tokens, ...), the last one holds the features. A mask marks which
-positions count; masked-out positions (padding) contribute nothing to any statistic.
+positions count; masked-out positions (padding) contribute nothing to any statistic. A mask is a
+bool tensor (True = keep): an integer or float attention mask is refused with a ``TypeError``
+rather than guessed at.
 """
 
 from __future__ import annotations
@@ -11,12 +13,24 @@ import torch
 from torch import Tensor
 
 
+def require_bool_mask(mask: object, call: str) -> None:
+    """Raise ``TypeError`` unless ``mask`` is ``None`` or a bool tensor; ``call`` names the API call."""
+    if mask is None or (isinstance(mask, Tensor) and mask.dtype == torch.bool):
+        return
+    got = f"a {mask.dtype} tensor" if isinstance(mask, Tensor) else f"a {type(mask).__name__}"
+    rank = f" on rank {torch.distributed.get_rank()}" if torch.distributed.is_initialized() else ""
+    raise TypeError(
+        f"{call}: the mask must be a bool tensor (True keeps a position), got {got}{rank}; an integer "
+        "or float attention mask (1 = keep, 0 = padding) is not taken as is: pass mask.bool()"
+    )
+
+
 def position_mask(x: Tensor, mask: Tensor | None) -> Tensor | None:
     """Return ``mask`` as a bool tensor of shape ``x.shape[:-1]`` (or ``None`` for "keep all").
 
     ``mask`` may have any shape broadcastable to the positions ``x.shape[:-1]``; a trailing
     singleton feature dimension (``[..., 1]``, a common way to store masks) is accepted too.
-    Non-bool masks count positions where ``mask != 0``.
+    A mask that is not bool is a ``TypeError`` (see :func:`require_bool_mask`).
     """
     if mask is None:
         return None
@@ -24,8 +38,7 @@ def position_mask(x: Tensor, mask: Tensor | None) -> Tensor | None:
         raise ValueError("activation must have at least one (feature) dimension, got a scalar")
     if mask.dim() == x.dim() and mask.dim() > 0 and mask.shape[-1] == 1:
         mask = mask.squeeze(-1)
-    if mask.dtype != torch.bool:
-        mask = mask != 0
+    require_bool_mask(mask, "mask")
     try:
         return torch.broadcast_to(mask.to(x.device), x.shape[:-1])
     except RuntimeError as err:

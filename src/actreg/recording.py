@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import Layout
-from .positions import position_mask
+from .positions import position_mask, require_bool_mask
 from .shifts import Shifts
 from .statistics import BlockSpec, fused_statistics, no_autocast
 
@@ -77,6 +77,7 @@ class Recorder:
 
     @contextlib.contextmanager
     def mask(self, mask: Tensor | None, modules: str) -> Iterator[None]:
+        require_bool_mask(mask, "reg.mask(mask)")  # here, not in the hooks: a TypeError at the call
         entry = (mask, modules)
         self._masks.append(entry)
         try:
@@ -109,6 +110,9 @@ class Recorder:
 
     # ------------------------------------------------------------------ statistics
     def record(self, index: int, x: Tensor, mask: Tensor | None) -> None:
+        # a mask from reg.observe (those of reg.mask were checked on entry): a TypeError at the call
+        if mask is not None and getattr(mask, "dtype", None) is not torch.bool:
+            require_bool_mask(mask, f"reg.observe({self.layout.slots[index].name!r}, tensor, mask)")
         if _in_backward():
             # Activation checkpointing recomputes the forward during backward: run the same
             # operations (around the same shift) so that the checkpoint can recompute the tensors
@@ -183,8 +187,10 @@ class Recorder:
         return torch.cat(pieces)
 
     def _check(self, index: int, x: Tensor) -> None:
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
-            raise ValueError(f"expected a floating tensor [..., features], got {_describe(x)}")
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[-1] == 0:
+            raise ValueError(
+                f"expected a floating tensor [..., features] with at least one feature, got {_describe(x)}"
+            )
         d = x.shape[-1]
         known = self.layout.dims[index] if self.layout.dims[index] is not None else self.seen.get(index)
         if known is not None and d != known:
