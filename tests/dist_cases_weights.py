@@ -93,3 +93,4 @@ def local_mode_with_shards(rank: int, world_size: int) -> str:
     except ValueError as err:
         return str(err)
     return "no error"
+
