@@ -16,13 +16,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import __version__
 from .modes import SYNC_MODES
-
-if TYPE_CHECKING:
-    from .demo.config import TrainConfig
 
 
 def _check_demo_dependencies(plots: bool) -> None:
@@ -34,26 +30,14 @@ def _check_demo_dependencies(plots: bool) -> None:
         require("matplotlib")
 
 
-def _check_resumable(cfg: TrainConfig) -> None:
-    """Refuse ``--resume`` onto a checkpoint written with other settings, before starting workers."""
-    from .demo.train import latest_checkpoint, load_checkpoint, resume_mismatch
-
-    path = latest_checkpoint(cfg.out)
-    if path is None:
-        return  # the workers say that they start from scratch
-    bad = resume_mismatch(load_checkpoint(path)["config"], cfg)
-    if bad:
-        raise ValueError(f"--resume: {path} was written with other settings: " + "; ".join(bad))
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
     from .demo.config import config_from_args
     from .demo.launch import launch_module
+    from .demo.preflight import validate_before_launch
 
     cfg = config_from_args(args)
     _check_demo_dependencies(cfg.plots)
-    if cfg.resume:
-        _check_resumable(cfg)
+    validate_before_launch(cfg)
     started = time.perf_counter()
     print(f"actreg train: {cfg.nproc} worker process(es) via torch.distributed elastic launch", flush=True)
     launch_module(cfg.nproc, "actreg.demo.train", cfg.to_argv())
@@ -65,12 +49,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from .demo.compare import parse_modes
     from .demo.config import TrainConfig, config_from_args
     from .demo.launch import launch_module
+    from .demo.preflight import validate_before_launch
 
     cfg = config_from_args(args)
     if args.out is None and cfg.out == TrainConfig().out:
         cfg.out = "runs/compare"
     modes = parse_modes(args.modes)
     _check_demo_dependencies(cfg.plots)
+    validate_before_launch(cfg, modes)
     started = time.perf_counter()
     print(f"actreg compare: modes {', '.join(modes)} with {cfg.nproc} worker process(es)", flush=True)
     launch_module(cfg.nproc, "actreg.demo.compare", [*cfg.to_argv(), "--modes", ",".join(modes)])
@@ -96,7 +82,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``actreg`` argument parser (subcommands ``train``, ``compare``, ``verify``)."""
-    from .demo.config import add_train_arguments
+    from .demo.config import add_train_arguments, positive_finite
 
     parser = argparse.ArgumentParser(
         prog="actreg",
@@ -152,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tol",
-        type=float,
+        type=positive_finite,
         default=None,
         help="PASS if max |g_W - g_1| / max |g_1| <= tol (default 1e-6 in float64, 1e-4 in float32)",
     )

@@ -6,6 +6,8 @@ import importlib
 from types import ModuleType
 
 _PACKAGES = {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "rich": "rich"}
+#: The extra that installs a package, when it is not ``demo``.
+_EXTRAS = {"tensorboard": "tensorboard"}
 
 
 class MissingDependencyError(ImportError):
@@ -19,9 +21,10 @@ def require(module: str) -> ModuleType:
     except ImportError as err:
         top = module.split(".")[0]
         package = _PACKAGES.get(top, top)
+        extra = _EXTRAS.get(top, "demo")
         raise MissingDependencyError(
             f"the actreg command needs the optional dependency {package!r} (import {module!r} "
-            f"failed: {err}). Install the demo extra: pip install 'actreg[demo]'"
+            f"failed: {err}). Install the {extra} extra: pip install 'actreg[{extra}]'"
         ) from err
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import math
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -56,6 +57,8 @@ PENALTY_CLASSES: dict[str, type[Penalty]] = {
 #: penalty in the loss; the penalties are still measured, for comparison).
 SYNC_CHOICES = ("none", *SYNC_MODES)  # "none": train without actreg
 BACKEND_CHOICES = ("auto", "gloo", "nccl")
+#: Samples in scikit-learn's digits; ``load_digits_split`` holds out ``max(1, ceil(test_fraction * 1797))``.
+DIGITS_SAMPLES = 1797
 
 
 def default_penalties() -> dict[str, list[str]]:
@@ -79,9 +82,12 @@ class TrainConfig:
     test_fraction: float = 0.2
     out: str = "runs/train"
     resume: bool = False
+    overwrite: bool = False
+    keep: int = 3
     backend: str = "auto"
     plots: bool = True
     progress: bool = True
+    tensorboard: bool = False
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` on an inconsistent setting; return ``self``."""
@@ -93,10 +99,25 @@ class TrainConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {self.decay}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        n_train = DIGITS_SAMPLES - max(1, math.ceil(self.test_fraction * DIGITS_SAMPLES))
+        if n_train < 2:
+            raise ValueError(
+                f"test_fraction {self.test_fraction} leaves {n_train} of the {DIGITS_SAMPLES} digits for "
+                "training (at least 2 are needed to standardize the data); use e.g. 0.2"
+            )
+        if self.keep < 1:
+            raise ValueError(f"keep must be >= 1 (checkpoints kept), got {self.keep}")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "--resume and --overwrite exclude each other: --resume continues the run in --out, "
+                "--overwrite replaces it"
+            )
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be a non-empty list of positive sizes, got {self.hidden}")
         if self.backend not in BACKEND_CHOICES:
@@ -122,6 +143,7 @@ class TrainConfig:
             "--hidden", ",".join(str(h) for h in self.hidden),
             "--test-fraction", repr(self.test_fraction),
             "--out", self.out,
+            "--keep", str(self.keep),
             "--backend", self.backend,
         ]  # fmt: skip
         if include_nproc:
@@ -131,6 +153,10 @@ class TrainConfig:
                 argv += ["--penalty", f"{pattern}={spec}"]
         if self.resume:
             argv.append("--resume")
+        if self.overwrite:
+            argv.append("--overwrite")
+        if self.tensorboard:
+            argv.append("--tensorboard")
         if not self.plots:
             argv.append("--no-plots")
         if not self.progress:
@@ -147,13 +173,27 @@ def _number(text: str, where: str) -> int | float:
     if _INT.match(text):
         return int(text)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise ValueError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: {text!r} is not a finite number")
+    return value
 
 
-def parse_penalty(spec: str) -> Penalty:
-    """One penalty from ``NAME:ARG[:ARG...]`` (``ARG`` positional or ``key=value``)."""
+def positive_finite(text: str) -> float:
+    """``argparse`` type of a finite number > 0 (e.g. ``actreg verify --tol``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _parse_spec(spec: str) -> tuple[type[Penalty], inspect.BoundArguments]:
+    """The class of ``NAME:ARG[:ARG...]`` and its arguments, bound to the constructor's signature."""
     name, *raw = spec.strip().split(":")
     cls = PENALTY_CLASSES.get(name.strip().lower())
     if cls is None:
@@ -171,13 +211,33 @@ def parse_penalty(spec: str) -> Penalty:
             args.append(_number(item, f"penalty spec {spec!r}"))
     signature = inspect.signature(cls)
     try:
-        signature.bind(*args, **kwargs)
+        return cls, signature.bind(*args, **kwargs)
     except TypeError as err:
         raise ValueError(f"penalty spec {spec!r}: {err}; {cls.__name__}{signature}") from None
+
+
+def parse_penalty(spec: str) -> Penalty:
+    """One penalty from ``NAME:ARG[:ARG...]`` (``ARG`` positional or ``key=value``)."""
+    cls, bound = _parse_spec(spec)
     try:
-        return cls(*args, **kwargs)
+        return cls(*bound.args, **bound.kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"penalty spec {spec!r}: {err}") from None
+
+
+def canonical_penalties(specs: Mapping[str, Sequence[str]]) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """``{pattern: [(class name, all constructor arguments)]}``: equal for equal values however spelled.
+
+    ``L1:2e-3`` and ``l1:0.002`` give the same; so do ``VarianceFloor:1`` and ``VarianceFloor:1:gamma=1``.
+    """
+    out: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for pattern, items in specs.items():
+        out[pattern] = []
+        for spec in items:
+            cls, bound = _parse_spec(spec)
+            bound.apply_defaults()
+            out[pattern].append((cls.__name__, dict(bound.arguments)))
+    return out
 
 
 def parse_penalty_option(option: str) -> tuple[str, str]:
@@ -299,6 +359,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", metavar="DIR", help=f"output directory (default {d.out})")
     g.add_argument(
         "--resume", action="store_true", default=None, help="continue from the last checkpoint in --out"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="start afresh in an --out that holds another run (its checkpoints and metrics are deleted)",
+    )
+    g.add_argument("--keep", type=int, metavar="K", help=f"checkpoints kept, the newest (default {d.keep})")
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also write the per-step metrics to --out/tensorboard (needs the tensorboard package)",
     )
     g.add_argument(
         "--backend", choices=BACKEND_CHOICES, help="process-group backend (auto: nccl with GPUs, else gloo)"

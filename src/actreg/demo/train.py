@@ -11,8 +11,10 @@ Two *measurement* regularizers run beside it (their losses are never backpropaga
 that is already global). Rank 0 gathers the per-rank figures once per epoch, so the run shows how
 far per-rank statistics are from the global ones.
 
-Rank 0 writes ``--out``: ``metrics.jsonl``, ``checkpoints/epoch_NNN.pt`` (atomic), ``report.md``
-and PNG plots. ``--resume`` restores the last checkpoint; the result equals an uninterrupted run.
+Rank 0 locks and writes ``--out``: ``metrics.jsonl``, ``checkpoints/epoch_NNN.pt`` (verified, the
+newest ``--keep``; see :mod:`actreg.demo.checkpoints`), ``report.md``, PNG plots and with
+``--tensorboard`` TensorBoard events. ``--resume`` restores the newest good checkpoint and the
+history up to it; the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -37,15 +39,30 @@ from torch.nn.parallel import DistributedDataParallel
 import actreg
 
 from . import report
+from .checkpoints import (
+    check_resume,
+    checkpoint_path,
+    find_resume_point,
+    prune_checkpoints,
+    read_history,
+    save_checkpoint,
+    set_aside,
+)
 from .config import TrainConfig, add_train_arguments, build_penalties, config_from_args
 from .data import Digits, global_batches, load_digits_split, shard_bounds
 from .model import DigitsMLP
+from .rundir import (
+    TENSORBOARD_DIR,
+    check_reuse,
+    clear_previous_run,
+    lock_run_directory,
+    prepare_output,
+    unlock_run_directory,
+)
+from .tblog import TensorBoardLog
 
 #: Activity keys of ``ActivityRegularizer.metrics()`` (the other per-slot keys are penalties).
 ACTIVITY_KEYS = ("count", "mean_abs", "rms", "active_fraction", "dead_units")
-CHECKPOINT_VERSION = 1
-#: Settings that must match for ``--resume`` (epochs and world size may change).
-RESUME_KEYS = ("sync", "penalties", "batch_size", "seed", "lr", "decay", "hidden", "test_fraction")
 
 
 # ---------------------------------------------------------------------- distributed context
@@ -128,41 +145,6 @@ class RunResult:
     @property
     def final(self) -> dict[str, Any]:
         return self.epochs[-1] if self.epochs else {}
-
-
-# ---------------------------------------------------------------------- checkpoints
-def checkpoint_dir(out: str | Path) -> Path:
-    return Path(out) / "checkpoints"
-
-
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The checkpoint of the highest epoch in ``out/checkpoints`` (None if there is none)."""
-    files = sorted(checkpoint_dir(out).glob("epoch_*.pt"))
-    return files[-1] if files else None
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file in the same directory, then ``os.replace`` (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint, loaded with ``weights_only=True`` (tensors, containers and numbers only)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint version {state.get('version')!r}")
-    return state
-
-
-def resume_mismatch(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """The settings (of :data:`RESUME_KEYS`) in which ``cfg`` differs from a checkpoint's config."""
-    now = cfg.to_dict()
-    return [
-        f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS if saved.get(k) != now[k]
-    ]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -363,7 +345,6 @@ def run_training(
     layers = global_probe.slot_names
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
-    history: list[dict[str, Any]] = []
     start_epoch = 0
     console = _Console(
         ctx.is_main,
@@ -371,35 +352,39 @@ def run_training(
         layers,
         title or f"actreg demo: digits, {ctx.world_size} rank(s), sync={cfg.sync}, out={out}",
     )
-    if cfg.resume:
-        state = None
-        if ctx.is_main:
-            path = latest_checkpoint(out)
-            state = load_checkpoint(path) if path is not None else None
-            if state is not None:
-                bad = resume_mismatch(state["config"], cfg)
-                if bad:
-                    state = {"error": f"--resume: {path} was written with other settings: " + "; ".join(bad)}
-                else:
-                    console.print(f"resuming from {path} (epoch {state['epoch']})")
-            else:
-                console.print(f"--resume: no checkpoint in {checkpoint_dir(out)}; starting from scratch")
-        state = broadcast_from_main(ctx, state)
-        if state is not None and "error" in state:
-            raise SystemExit(state["error"])
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if reg is not None and state["regularizer"]:
-                reg.load_state_dict(state["regularizer"])
-            history = list(state["history"]) if ctx.is_main else []
-            start_epoch = int(state["epoch"])
+    # Rank 0 checks and locks --out and reads the checkpoint to resume; every rank gets the outcome.
+    opened: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []  # rank 0 only
+    owns_lock = False  # rank 0 took the lock of --out (when no parent process holds it)
+    if ctx.is_main:
+        try:
+            prepare_output(out, tensorboard=cfg.tensorboard)
+            owns_lock = lock_run_directory(out)
+            opened = _open_run(cfg, console)
+        except (ValueError, OSError) as err:
+            opened = {"error": f"actreg: error on rank 0: {err}"}
+        history = opened.pop("history", [])
+    opened = broadcast_from_main(ctx, opened)
+    if "error" in opened:
+        if owns_lock:
+            unlock_run_directory(out)
+        raise SystemExit(opened["error"])
+    state = opened.get("state")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if reg is not None and state["regularizer"]:
+            reg.load_state_dict(state["regularizer"])
+        start_epoch = int(state["epoch"])
 
     n_train = data.x_train.shape[0]
     batches_per_epoch = math.ceil(n_train / cfg.batch_size)
     console.start(total=batches_per_epoch * cfg.epochs, done=batches_per_epoch * start_epoch)
     global_step = start_epoch * batches_per_epoch
     zero = torch.zeros((), device=ctx.device)
+    tensorboard = None
+    if ctx.is_main and cfg.tensorboard:
+        tensorboard = TensorBoardLog(out / TENSORBOARD_DIR, first_step=global_step + 1)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             epoch_started = time.perf_counter()
@@ -451,24 +436,30 @@ def run_training(
                     steps, test, epoch, time.perf_counter() - epoch_started, ctx.world_size, cfg.sync
                 )
                 history.append(rec)
+                # metrics.jsonl first: it always reaches at least the newest checkpoint's epoch.
+                report.write_jsonl(out / "metrics.jsonl", history)
                 save_checkpoint(
-                    checkpoint_dir(out) / f"epoch_{epoch + 1:03d}.pt",
+                    checkpoint_path(out, epoch + 1),
                     {
-                        "version": CHECKPOINT_VERSION,
                         "epoch": epoch + 1,
                         "model": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "regularizer": reg.state_dict() if reg is not None else {},
-                        "history": history,
                         "config": cfg.to_dict(),
                         "world_size": ctx.world_size,
                         "torch_rng": torch.get_rng_state(),
                     },
                 )
-                report.write_jsonl(out / "metrics.jsonl", history)
+                prune_checkpoints(out, cfg.keep)
+                if tensorboard is not None:
+                    tensorboard.write([*steps, rec])
                 console.epoch(rec)
     finally:
         console.stop()
+        if tensorboard is not None:
+            tensorboard.close()
+        if owns_lock:
+            unlock_run_directory(out)
 
     activations: dict[str, Tensor] = {}
     if ctx.is_main:
@@ -479,6 +470,38 @@ def run_training(
         if r is not None:
             r.remove()
     return result
+
+
+def _open_run(cfg: TrainConfig, console: _Console) -> dict[str, Any]:
+    """Rank 0, before training, with ``--out`` locked: the checkpoint to resume and its history.
+
+    Returns ``{"state": checkpoint or None, "history": records up to its epoch}``; raises
+    ``ValueError`` for a directory that cannot be used (see :mod:`actreg.demo.rundir`).
+    """
+    out = Path(cfg.out)
+    if not cfg.resume:
+        if cfg.overwrite:
+            removed = clear_previous_run(out)
+            if removed:
+                console.print(f"--overwrite: deleted {len(removed)} file(s) of the previous run in {out}")
+        check_reuse(cfg)
+        return {"state": None, "history": []}
+    point = find_resume_point(out)
+    if point is None:
+        console.print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+        return {"state": None, "history": []}
+    for line in point.warnings():
+        console.print(line)
+    check_resume(point, cfg)
+    set_aside(point.skipped, console.print)
+    history, warnings = read_history(out / "metrics.jsonl", point.epoch)
+    for line in warnings:
+        console.print(line)
+    if point.epoch == cfg.epochs:
+        console.print(f"--resume: already complete: {point.path} is at epoch {cfg.epochs}; nothing to train")
+    else:
+        console.print(f"resuming from {point.path} (epoch {point.epoch})")
+    return {"state": point.state, "history": history}
 
 
 def _step_records(
