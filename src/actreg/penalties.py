@@ -9,7 +9,8 @@ batch dimension, so that alike penalties of many layers are evaluated together.
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+import warnings
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -114,15 +115,25 @@ class TAR(Penalty):
     activation ``[..., d]``. With a mask, a difference counts only when both of its positions are
     kept. Each recorded call contributes its own differences (no difference across calls).
     ``beta``: a finite number >= 0; ``time_dim``: an integer (negative counts from the end).
+
+    Leaving ``time_dim`` out means ``time_dim=1`` (batch-first ``[batch, time, ..., d]``), and the
+    first activation of 3 or more dimensions then warns once (per penalty object): a time-major
+    tensor ``[time, batch, d]`` (``nn.LSTM`` without ``batch_first=True``, AWD-LSTM) would be
+    differenced across neighbouring sequences of the batch without any error. Give ``time_dim``
+    (``0`` for time-major, ``1`` for batch-first) to say which.
     """
 
     _batchable = True
     _scale = "beta"
     _raw_input = True  # record() takes the activation as produced (no float32 copy is kept)
 
-    def __init__(self, beta: float, time_dim: int = 1) -> None:
+    def __init__(self, beta: float, time_dim: int | None = None) -> None:
         self.beta = real_parameter(type(self).__name__, "beta", beta)
-        self.time_dim = int_parameter(type(self).__name__, "time_dim", time_dim)
+        self.time_dim = int_parameter(type(self).__name__, "time_dim", 1 if time_dim is None else time_dim)
+        self._unconfirmed_time_dim = time_dim is None  # warn at the first record >= 3-D (not a setting)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"beta": self.beta, "time_dim": self.time_dim}
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"diff_sq_sum": (), "elements": ()}
@@ -138,6 +149,9 @@ class TAR(Penalty):
                 f"TAR(time_dim={self.time_dim}) points at the feature (last) dimension of an "
                 f"activation of shape {tuple(x.shape)}; time_dim must be a position dimension"
             )
+        if self._unconfirmed_time_dim and x.dim() >= 3:
+            self._unconfirmed_time_dim = False
+            _warn_default_time_dim(self.beta, tuple(x.shape))
         acc = torch.promote_types(x.dtype, torch.float32)
         if x.shape[td] < 2:
             zero = torch.zeros((), dtype=acc, device=x.device)
@@ -147,6 +161,18 @@ class TAR(Penalty):
 
     def value(self, stats: Stats) -> Tensor:
         return self.beta * stats["diff_sq_sum"] / nonzero(stats["elements"])
+
+
+def _warn_default_time_dim(beta: float, shape: tuple[int, ...]) -> None:
+    warnings.warn(
+        f"TAR(beta={beta}) was given no time_dim, so it differences along dimension 1 of the "
+        f"activation of shape {shape}, taking it as batch-first [batch, time, ..., d]. If it is "
+        "time-major [time, batch, d] (nn.LSTM/GRU without batch_first=True, AWD-LSTM), dimension 1 "
+        "is the batch and the penalty is wrong: pass TAR(beta, time_dim=0). Pass time_dim=1 to "
+        "confirm batch-first and silence this warning.",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 class KLSparsity(Penalty):
