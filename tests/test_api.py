@@ -151,7 +151,7 @@ def test_recording_errors_surface_at_the_next_call():
 
 def test_tuple_output_records_first_element_and_other_outputs_error():
     lstm = nn.LSTM(3, 4, batch_first=True)
-    reg = actreg.ActivityRegularizer(nn.Sequential(lstm), {"0": actreg.TAR(beta=1.0)})
+    reg = actreg.ActivityRegularizer(nn.Sequential(lstm), {"0": actreg.TAR(beta=1.0, time_dim=1)})
     out, _ = lstm(torch.randn(2, 5, 3))
     expected = (out[:, 1:] - out[:, :-1]).pow(2).mean()
     assert reg.loss().item() == pytest.approx(expected.item(), rel=1e-6)

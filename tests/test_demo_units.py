@@ -50,7 +50,7 @@ def test_parse_penalty_positional_and_keywords() -> None:
         ("L1:1:2", "too many"),
         ("L1", "missing"),
         ("VarianceFloor:weight=1:0.5", "positional argument after"),
-        ("KLSparsity:2:1", "target must lie"),
+        ("KLSparsity:2:1", "target must be a finite number in \\(0, 1\\)"),
         ("L1:1:wait=1", "unexpected keyword"),
     ],
 )
