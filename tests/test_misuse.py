@@ -187,3 +187,21 @@ def test_states_written_before_dims_existed_still_load():
     b = _trained(steps=0)
     b.load_state_dict(legacy)
     _assert_same(a.state_dict(), b.state_dict())
+
+
+# ------------------------------------------------------------------ compiled, unmasked
+def test_compiled_model_without_mask_trains_several_steps():
+    """The cached count of an unmasked activation must not be stored from inside a traced graph
+    (it came back attached to the first step: "backward through the graph a second time")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+    reg = actreg.ActivityRegularizer(model, {"1": [actreg.L1(1.0), actreg.TAR(1.0, time_dim=1)]})
+    run = torch.compile(model, backend="eager")
+    for _ in range(3):
+        x = torch.randn(4, 7, 5)
+        h = run(x)
+        loss = reg.loss()
+        loss.backward()
+        h = h.detach()
+        expected = h.abs().sum() / 28 + (h[:, 1:] - h[:, :-1]).pow(2).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

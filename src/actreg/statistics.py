@@ -91,7 +91,13 @@ _COUNTS: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
 
 def _constant(value: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A cached 0-d tensor: the count of an unmasked activation costs no op per step."""
+    """A cached 0-d tensor: the count of an unmasked activation costs no op per step.
+
+    Not while compiling: a tensor stored from inside a traced region comes back as an output of
+    that graph (attached to the step that made it), and a compiled graph folds a ``full`` anyway.
+    """
+    if torch.compiler.is_compiling():
+        return torch.full((), float(value), dtype=dtype, device=device)
     key = (value, dtype, device)
     t = _COUNTS.get(key)
     if t is None:
