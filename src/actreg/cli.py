@@ -7,12 +7,18 @@
 ``train`` and ``compare`` start their workers with ``torch.distributed``'s elastic launcher (the
 machinery of ``torchrun``); the same workers run under ``torchrun -m actreg.demo.train`` /
 ``-m actreg.demo.compare`` for multi-node use. See ``docs/cli.md``.
+
+Exit status: 0 success (verify: PASS); 1 a worker failed (verify: FAIL); 2 a usage or
+configuration error, before any worker starts; 3 verify: your factory or model raised; 4 verify: a
+worker failed otherwise; 130 / 143 stopped by SIGINT / SIGTERM (128 + the signal's number).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +38,7 @@ def _check_demo_dependencies(plots: bool) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .demo.config import config_from_args
-    from .demo.launch import launch_module
+    from .demo.launch import Interrupted, launch_module
     from .demo.preflight import validate_before_launch
 
     cfg = config_from_args(args)
@@ -40,7 +46,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     validate_before_launch(cfg)
     started = time.perf_counter()
     print(f"actreg train: {cfg.nproc} worker process(es) via torch.distributed elastic launch", flush=True)
-    launch_module(cfg.nproc, "actreg.demo.train", cfg.to_argv())
+    try:
+        note = launch_module(cfg.nproc, "actreg.demo.train", cfg.to_argv())
+    except Interrupted as err:
+        err.detail = _resume_hint(cfg.out)
+        raise
+    if note:
+        print(f"actreg train: {note}", file=sys.stderr)
     print(f"actreg train: done in {time.perf_counter() - started:.1f}s; see {Path(cfg.out) / 'report.md'}")
     return 0
 
@@ -59,7 +71,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     validate_before_launch(cfg, modes)
     started = time.perf_counter()
     print(f"actreg compare: modes {', '.join(modes)} with {cfg.nproc} worker process(es)", flush=True)
-    launch_module(cfg.nproc, "actreg.demo.compare", [*cfg.to_argv(), "--modes", ",".join(modes)])
+    note = launch_module(cfg.nproc, "actreg.demo.compare", [*cfg.to_argv(), "--modes", ",".join(modes)])
+    if note:
+        print(f"actreg compare: {note}", file=sys.stderr)
     print(f"actreg compare: done in {time.perf_counter() - started:.1f}s; see {Path(cfg.out) / 'compare.md'}")
     return 0
 
@@ -77,7 +91,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         decay=args.decay,
     )
     print(result.format())
+    if result.note:
+        print(f"actreg verify: {result.note}", file=sys.stderr)
     return 0 if result.passed else 1
+
+
+def _resume_hint(out: str) -> str:
+    """Where an interrupted run can continue from (the checkpoints are written atomically)."""
+    from .demo.checkpoints import latest_checkpoint
+
+    path = latest_checkpoint(out)
+    if path is None:
+        return "no checkpoint was written yet"
+    return f"the last complete checkpoint is {path}; continue with --resume"
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    from .demo.launch import Interrupted
+
+    raise Interrupted(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,23 +187,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``actreg`` console script; returns the exit status."""
+    """Entry point of the ``actreg`` console script; returns the exit status (see the module doc)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     from .demo._deps import MissingDependencyError
-    from .demo.launch import WorkerFailedError
+    from .demo.launch import Interrupted, WorkerFailedError
+    from .demo.verify import FACTORY_RAISED, FactoryError
 
+    if threading.current_thread() is threading.main_thread():
+        # Until the launcher installs its own handlers (which end the workers, then raise).
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+    command = f"actreg {args.command}"
     try:
         return int(args.func(args))
+    except FactoryError as err:
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return FACTORY_RAISED
     except (ValueError, MissingDependencyError) as err:
-        print(f"actreg {args.command}: error: {err}", file=sys.stderr)
+        print(f"{command}: error: {err}", file=sys.stderr)
         return 2
     except WorkerFailedError as err:
-        print(f"actreg {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"actreg {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return 4 if args.command == "verify" else 1
+    except (Interrupted, KeyboardInterrupt) as err:
+        signum = err.signum if isinstance(err, Interrupted) else int(signal.SIGINT)
+        detail = getattr(err, "detail", "")
+        if sys.stdout.isatty():
+            print("\x1b[?25h", end="", flush=True)  # a worker stopped mid-progress-bar hid the cursor
+        name = signal.Signals(signum).name
+        print(f"{command}: interrupted by {name}" + (f"; {detail}" if detail else ""), file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

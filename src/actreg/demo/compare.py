@@ -16,14 +16,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 from actreg.modes import SYNC_MODES
 
 from . import report
-from .config import SYNC_CHOICES, add_train_arguments, config_from_args
+from .config import SYNC_CHOICES, TrainConfig, add_train_arguments, config_from_args
 from .data import load_digits_split
-from .train import RunResult, init_distributed, run_training, shutdown_distributed
+from .distributed import finish, init_distributed, run_worker
+from .train import RunResult, run_training
 
 DEFAULT_MODES = ("none", *SYNC_MODES)
 
@@ -51,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@record
 def main(argv: Sequence[str] | None = None) -> int:
-    """Worker entry point (``torchrun ... -m actreg.demo.compare [options]``)."""
+    """Worker entry point (``torchrun ... -m actreg.demo.compare [options]``).
+
+    Runs under :func:`~actreg.demo.distributed.run_worker` (a failing rank stops every rank).
+    """
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -61,23 +62,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"actreg compare: error: {err}", file=sys.stderr)
         return 2
+    return run_worker("compare", lambda: _compare(cfg, modes))
+
+
+def _compare(cfg: TrainConfig, modes: list[str]) -> int:
     ctx = init_distributed(cfg.backend)
     out = Path(cfg.out)
-    try:
-        data = load_digits_split(cfg.seed, cfg.test_fraction)
-        results: dict[str, RunResult] = {}
-        for mode in modes:
-            run_cfg = dataclasses.replace(cfg, sync=mode, out=str(out / mode), resume=False)
-            title = f"[{mode}] {ctx.world_size} rank(s)"
-            results[mode] = run_training(run_cfg, ctx, data=data, title=title)
-            if ctx.is_main:
-                report.write_run_report(results[mode], plots=False)
+    data = load_digits_split(cfg.seed, cfg.test_fraction)
+    results: dict[str, RunResult] = {}
+    for mode in modes:
+        run_cfg = dataclasses.replace(cfg, sync=mode, out=str(out / mode), resume=False)
+        title = f"[{mode}] {ctx.world_size} rank(s)"
+        results[mode] = run_training(run_cfg, ctx, data=data, title=title)
         if ctx.is_main:
-            path = report.write_compare_report(results, out, plots=cfg.plots)
-            print("\n" + report.format_compare_table(results), flush=True)
-            print(f"wrote {path}", flush=True)
-    finally:
-        shutdown_distributed(ctx)
+            report.write_run_report(results[mode], plots=False)
+    if ctx.is_main:
+        path = report.write_compare_report(results, out, plots=cfg.plots)
+        print("\n" + report.format_compare_table(results), flush=True)
+        print(f"wrote {path}", flush=True)
+    finish(ctx)
     return 0
 
 

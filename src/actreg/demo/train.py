@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
 import actreg
@@ -50,6 +48,15 @@ from .checkpoints import (
 )
 from .config import TrainConfig, add_train_arguments, build_penalties, config_from_args
 from .data import Digits, global_batches, load_digits_split, shard_bounds
+from .distributed import (  # noqa: F401 - DistContext, init_distributed, ... re-exported for importers
+    DistContext,
+    broadcast_from_main,
+    finish,
+    gather_to_main,
+    init_distributed,
+    run_worker,
+    shutdown_distributed,
+)
 from .model import DigitsMLP
 from .rundir import (
     TENSORBOARD_DIR,
@@ -63,68 +70,6 @@ from .tblog import TensorBoardLog
 
 #: Activity keys of ``ActivityRegularizer.metrics()`` (the other per-slot keys are penalties).
 ACTIVITY_KEYS = ("count", "mean_abs", "rms", "active_fraction", "dead_units")
-
-
-# ---------------------------------------------------------------------- distributed context
-@dataclass
-class DistContext:
-    """Where this process stands: rank, world size, device; ``distributed`` if a group exists."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    distributed: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(backend: str = "auto") -> DistContext:
-    """Initialise the default process group from torchrun's environment (or run as one process).
-
-    ``backend="auto"``: NCCL on GPUs when CUDA is available, gloo on CPU otherwise.
-    """
-    torch.set_num_threads(1)
-    if "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda" if backend != "gloo" and torch.cuda.is_available() else "cpu")
-        return DistContext(device=device)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = backend == "nccl" or (backend == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, True)
-
-
-def shutdown_distributed(ctx: DistContext) -> None:
-    """Barrier and destroy the default group, if one was created."""
-    if ctx.distributed and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def gather_to_main(ctx: DistContext, obj: Any) -> list[Any]:
-    """Every rank's ``obj`` on rank 0 (in rank order); ``[]`` on the other ranks."""
-    if not ctx.distributed:
-        return [obj]
-    out: list[Any] | None = [None] * ctx.world_size if ctx.is_main else None
-    dist.gather_object(obj, out, dst=0)
-    return out or []
-
-
-def broadcast_from_main(ctx: DistContext, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.distributed:
-        return obj
-    box = [obj if ctx.is_main else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # ---------------------------------------------------------------------- results
@@ -589,23 +534,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@record
 def main(argv: Sequence[str] | None = None) -> int:
-    """Worker entry point (``torchrun ... -m actreg.demo.train [options]``)."""
+    """Worker entry point (``torchrun ... -m actreg.demo.train [options]``).
+
+    Runs under :func:`~actreg.demo.distributed.run_worker`: a failure on this rank prints its
+    traceback and ends the process at once (the launcher stops the other ranks).
+    """
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ValueError as err:
         print(f"actreg: error: {err}", file=sys.stderr)
         return 2
+    return run_worker("train", lambda: _train(cfg))
+
+
+def _train(cfg: TrainConfig) -> int:
     ctx = init_distributed(cfg.backend)
-    try:
-        result = run_training(cfg, ctx)
-        if ctx.is_main:
-            report.write_run_report(result, plots=cfg.plots)
-            print(f"wrote {Path(cfg.out) / 'report.md'}", flush=True)
-    finally:
-        shutdown_distributed(ctx)
+    result = run_training(cfg, ctx)
+    if ctx.is_main:
+        report.write_run_report(result, plots=cfg.plots)
+        print(f"wrote {Path(cfg.out) / 'report.md'}", flush=True)
+    finish(ctx)
     return 0
 
 
