@@ -169,6 +169,14 @@ def test_compare_refuses_a_reused_mode_directory(
     assert launches == []
 
 
+def test_compare_refuses_resume(
+    tmp_path: Path, launches: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["compare", *BASE, "--out", str(tmp_path), "--resume"]) == 2
+    assert "actreg compare trains every mode from scratch" in capsys.readouterr().err
+    assert launches == []
+
+
 @pytest.mark.parametrize("tol", ["-1", "0", "nan", "inf", "x"])
 def test_verify_tol_must_be_finite_and_positive(tol: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:

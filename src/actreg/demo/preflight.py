@@ -58,6 +58,8 @@ def validate_before_launch(cfg: TrainConfig, modes: Sequence[str] | None = None)
     Locks ``cfg.out`` for this process (held until it exits; the workers it starts see that their
     parent holds it). Prints warnings (damaged checkpoints skipped on ``--resume``) to stderr.
     """
+    if modes is not None and cfg.resume:
+        raise ValueError("--resume: actreg compare trains every mode from scratch; use --overwrite to rerun")
     if cfg.tensorboard:
         require_tensorboard()
     check_penalties_fit(cfg)
@@ -67,7 +69,7 @@ def validate_before_launch(cfg: TrainConfig, modes: Sequence[str] | None = None)
         prepare_output(run_dir, tensorboard=cfg.tensorboard)
     lock_run_directory(cfg.out)
     for run_dir in runs:
-        if cfg.resume and modes is None:
+        if cfg.resume:
             point = find_resume_point(run_dir)
             if point is not None:
                 for line in point.warnings():
