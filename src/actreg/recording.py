@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .compiling import guard_hooks, hooks_guarded
 from .layout import Layout
 from .positions import position_mask, require_bool_mask
 from .shifts import Shifts
@@ -48,10 +49,12 @@ class Recorder:
         self.loaded_dims: dict[int, int] = {}  #: feature sizes of a loaded state (slot index -> d)
         self.recorded_last_step: set[int] = set()
         self._records = Records()
-        self._masks: list[tuple[Tensor | None, str]] = []
+        self._masks: list[tuple[Tensor | None, frozenset[str]]] = []  #: mask, names of the slots it masks
+        self._matched = {"*": frozenset(s.name for s in layout.slots)}  #: reg.mask(modules=) -> names
         self._specs: dict[tuple[int, int, int], BlockSpec] = {}
         self._warned: set[int] = set()
         self._checked: set[tuple[int, int]] = set()
+        guard_hooks(reset=True)  # a graph compiled before these hooks existed must not be reused
         self._handles = [
             modules[slot.name].register_forward_hook(self._hook(i))
             for i, slot in enumerate(layout.slots)
@@ -78,7 +81,13 @@ class Recorder:
     @contextlib.contextmanager
     def mask(self, mask: Tensor | None, modules: str) -> Iterator[None]:
         require_bool_mask(mask, "reg.mask(mask)")  # here, not in the hooks: a TypeError at the call
-        entry = (mask, modules)
+        # matched once, not in the hooks: fnmatch cannot be traced (a graph break under torch.compile)
+        names = self._matched.get(modules)
+        if names is None:
+            names = self._matched[modules] = frozenset(
+                s.name for s in self.layout.slots if fnmatch.fnmatchcase(s.name, modules)
+            )
+        entry = (mask, names)
         self._masks.append(entry)
         try:
             yield
@@ -86,8 +95,8 @@ class Recorder:
             self._masks.remove(entry)
 
     def _mask_for(self, name: str) -> Tensor | None:
-        for mask, pattern in reversed(self._masks):
-            if fnmatch.fnmatchcase(name, pattern):
+        for mask, names in reversed(self._masks):
+            if name in names:
                 return mask
         return None
 
@@ -100,6 +109,9 @@ class Recorder:
         """This step's records; recording starts afresh."""
         records, self._records = self._records, Records()
         self.recorded_last_step = set(records.blocks)
+        if not hooks_guarded():  # torch.compile loaded since: guard, drop graphs that skipped a hook
+            slots = enumerate(self.layout.slots)
+            guard_hooks(reset=any(s.from_module and i not in records.blocks for i, s in slots))
         return records
 
     def remove(self) -> None:
