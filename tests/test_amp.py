@@ -46,28 +46,33 @@ def capture(model: nn.Module, names: list[str]) -> tuple[dict[str, Tensor], list
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_values_and_activation_gradients_match_float64(dtype: torch.dtype) -> None:
+    check_autocast(dtype, "cpu")
+
+
+def check_autocast(dtype: torch.dtype, device: str) -> None:
+    """Every kind of built-in penalty under ``dtype`` autocast on ``device`` (also run by test_cuda)."""
     torch.manual_seed(0)
-    model = TwoHeads()
+    model = TwoHeads().to(device)
     penalties = {s: [eval(CASES[n][0], vars(actreg)) for n in names] for s, names in SLOTS.items()}
     reg = actreg.ActivityRegularizer(model, penalties)
     acts, handles = capture(model, list(SLOTS))
-    x = torch.randn(64, 3, 5) * 1.5
-    mask = torch.rand(64, 3) > 0.3
-    with reg.mask(mask), torch.autocast("cpu", dtype=dtype):
+    x = (torch.randn(64, 3, 5) * 1.5).to(device)
+    mask = (torch.rand(64, 3) > 0.3).to(device)
+    with reg.mask(mask), torch.autocast(device, dtype=dtype):
         model(x)
     assert {a.dtype for a in acts.values()} == {dtype}  # the activations really are low precision
     loss = reg.loss()
     assert loss.dtype == torch.float32
     got = torch.autograd.grad(loss, [acts[s] for s in SLOTS])
 
-    exact = {s: acts[s].detach().double().requires_grad_(True) for s in SLOTS}
-    total = sum(reference.direct(n, exact[s], mask) for s, names in SLOTS.items() for n in names)
+    exact = {s: acts[s].detach().double().cpu().requires_grad_(True) for s in SLOTS}
+    total = sum(reference.direct(n, exact[s], mask.cpu()) for s, names in SLOTS.items() for n in names)
     want = torch.autograd.grad(total, list(exact.values()))
     assert loss.item() == pytest.approx(total.item(), rel=1e-5)
     for s, g, w in zip(SLOTS, got, want, strict=True):
         assert g.dtype == dtype
         tol = {"rtol": 2 * ROUNDING[dtype], "atol": 2 * ROUNDING[dtype] * w.abs().max().item()}
-        torch.testing.assert_close(g.double(), w, **tol, msg=lambda m, s=s: f"{s}: {m}")
+        torch.testing.assert_close(g.double().cpu(), w, **tol, msg=lambda m, s=s: f"{s}: {m}")
     for h in handles:
         h.remove()
 
@@ -121,21 +126,22 @@ def test_fp16_activations_whose_sums_overflow_fp16_give_a_finite_exact_penalty()
         handle.remove()
 
 
-def _updates(mode: str, steps: int = 3) -> list[list[Tensor]]:
-    """Per step, every parameter's update; ``mode``: "float64" (no actreg: the penalty by hand), "fp16"
-    (actreg, fp16 autocast) or "scaled" (the same with ``torch.amp.GradScaler("cpu")``)."""
+def updates(mode: str, device: str = "cpu", steps: int = 3) -> list[list[Tensor]]:
+    """Per step, every parameter's update; ``mode``: "float64" (no actreg: the penalty by hand, on the
+    CPU), "fp16" (actreg, fp16 autocast on ``device``) or "scaled" (the same with a ``GradScaler``)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    device = "cpu" if mode == "float64" else device
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
     if mode == "float64":
         model = model.double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     penalties = {"1": [actreg.L2(1e-3), actreg.DeCov(1e-2)]}
     reg = None if mode == "float64" else actreg.ActivityRegularizer(model, penalties)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000, enabled=mode == "scaled")
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=1000, enabled=mode == "scaled")
     g = torch.Generator().manual_seed(1)
-    updates = []
+    out_updates = []
     for _ in range(steps):
-        x = torch.randn(48, 16, generator=g)
+        x = torch.randn(48, 16, generator=g).to(device)
         before = [p.detach().clone() for p in model.parameters()]
         opt.zero_grad()
         if reg is None:
@@ -144,23 +150,29 @@ def _updates(mode: str, steps: int = 3) -> list[list[Tensor]]:
             decov = 0.5 * (c.pow(2).sum() - c.diagonal().pow(2).sum())
             loss = model[2](h).square().mean() + 1e-3 * h.pow(2).sum() / h.shape[0] + 1e-2 * decov
         else:
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(device, dtype=torch.float16):
                 out = model(x)
             loss = out.float().square().mean() + reg.loss()
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        updates.append([(p.detach() - b).double() for p, b in zip(model.parameters(), before, strict=True)])
+        after = [p.detach() for p in model.parameters()]
+        out_updates.append([(a - b).double().cpu() for a, b in zip(after, before, strict=True)])
     if mode == "scaled":
         assert scaler.get_scale() == 2.0**12, "a step was skipped (inf/NaN gradient)"
-    return updates
+    return out_updates
 
 
 def test_grad_scaler_fp16_updates_equal_unscaled_and_float64() -> None:
     """``torch.amp.GradScaler("cpu")`` (works in torch 2.13) with fp16 autocast: the penalty's
     gradient is scaled with the task's and unscaled by the scaler like any other, so the scaled run's
     parameter updates equal the unscaled run's, and both equal float64, within fp16 rounding."""
-    exact, fp16, scaled = _updates("float64"), _updates("fp16"), _updates("scaled")
+    check_grad_scaler("cpu")
+
+
+def check_grad_scaler(device: str) -> None:
+    """Scaled vs unscaled vs float64 updates (also run by test_cuda)."""
+    exact, fp16, scaled = updates("float64"), updates("fp16", device), updates("scaled", device)
     for step, (e, a, b) in enumerate(zip(exact, fp16, scaled, strict=True)):
         for i, (ue, ua, ub) in enumerate(zip(e, a, b, strict=True)):
             tol = {"rtol": 1e-2, "atol": 1e-2 * ue.abs().max().item()}

@@ -1,4 +1,4 @@
-"""CUDA checks (skipped without a GPU): device placement, bf16 autocast, float64 exactness."""
+"""CUDA checks (skipped without a GPU): device placement, bf16/fp16 autocast, GradScaler, float64 exactness."""
 
 from __future__ import annotations
 
@@ -119,3 +119,18 @@ def test_cuda_bf16_saved_memory_is_the_activation_only():
 
     activation = 512 * 256 * 2
     assert saved_bytes(True) - saved_bytes(False) <= 0.05 * activation
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_autocast_values_and_activation_gradients_match_float64(dtype):
+    """tests/test_amp.py's autocast check on the GPU: every kind of built-in penalty."""
+    import test_amp
+
+    test_amp.check_autocast(dtype, "cuda")
+
+
+def test_cuda_grad_scaler_fp16_updates_equal_unscaled_and_float64():
+    """tests/test_amp.py's GradScaler check with ``torch.amp.GradScaler("cuda")``."""
+    import test_amp
+
+    test_amp.check_grad_scaler("cuda")
