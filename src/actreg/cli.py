@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Import FACTORY from MODULE (or a file.py), a zero-argument callable returning (model, "
         "batch, penalties); batch is inputs or (inputs, targets). Compute the gradients of task loss + "
         "reg.loss() on the whole batch in one process, then on W ranks with uneven shards under DDP, "
-        "and report the largest difference. Exit code 0 on PASS, 1 on FAIL.",
+        "and report the largest difference. Exit code 0 on PASS, 1 on FAIL, 2 on a usage error, 3 when "
+        "your factory or model raised, 4 when a worker failed otherwise.",
     )
     p.add_argument(
         "target",
