@@ -1,4 +1,5 @@
-"""CUDA checks (skipped without a GPU): device placement, bf16/fp16 autocast, GradScaler, float64 exactness."""
+"""CUDA checks (skipped without a GPU): device placement, bf16/fp16 autocast, GradScaler, float64
+exactness."""
 
 from __future__ import annotations
 
