@@ -72,7 +72,8 @@ def _compare(cfg: TrainConfig, modes: list[str]) -> int:
     results: dict[str, RunResult] = {}
     for mode in modes:
         run_cfg = dataclasses.replace(cfg, sync=mode, out=str(out / mode), resume=False)
-        title = f"[{mode}] {ctx.world_size} rank(s)"
+        # Not "[mode]": the console prints the title as rich markup, which swallows "[...]".
+        title = f"actreg compare: sync={mode}, {ctx.world_size} rank(s), scenario {cfg.scenario}"
         results[mode] = run_training(run_cfg, ctx, data=data, title=title)
         if ctx.is_main:
             report.write_run_report(results[mode], plots=False)

@@ -1,6 +1,7 @@
 """Settings of the demo training: a dataclass, a TOML file, and the ``--penalty`` mini-language.
 
-Precedence: built-in defaults < ``--config FILE`` (TOML) < command-line options.
+Precedence: built-in defaults < ``--scenario NAME`` (a named preset, :mod:`actreg.demo.scenarios`) <
+``--config FILE`` (TOML) < command-line options.
 
 ``--penalty PATTERN=NAME:ARG[:ARG...]`` (repeatable) attaches the penalty ``NAME`` (an ``actreg``
 penalty class, case-insensitive) to the modules matching the glob ``PATTERN``. ``ARG`` are the
@@ -30,6 +31,8 @@ from typing import Any
 import actreg
 from actreg import Penalty
 from actreg.modes import SYNC_MODES
+
+from .scenarios import DEFAULT_SCENARIO, get_scenario, scenario_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,8 +71,13 @@ def default_penalties() -> dict[str, list[str]]:
 
 @dataclass
 class TrainConfig:
-    """Everything a demo training run depends on (see ``docs/cli.md``)."""
+    """Everything a demo training run depends on (see ``docs/cli.md``).
 
+    ``scenario`` names the preset whose defaults the other fields started from (it is recorded in
+    reports and checkpoints; the fields hold the values actually used).
+    """
+
+    scenario: str = DEFAULT_SCENARIO
     nproc: int = 2
     sync: str = "global"
     penalties: dict[str, list[str]] = field(default_factory=default_penalties)
@@ -91,6 +99,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Raise ``ValueError`` on an inconsistent setting; return ``self``."""
+        get_scenario(self.scenario)  # an unknown name lists the choices
         if self.nproc < 1:
             raise ValueError(f"nproc must be >= 1, got {self.nproc}")
         if self.sync not in SYNC_CHOICES:
@@ -146,6 +155,8 @@ class TrainConfig:
             "--keep", str(self.keep),
             "--backend", self.backend,
         ]  # fmt: skip
+        if self.scenario != DEFAULT_SCENARIO:
+            argv = ["--scenario", self.scenario, *argv]  # every setting follows explicitly: it wins
         if include_nproc:
             argv = ["--nproc", str(self.nproc), *argv]
         for pattern, specs in self.penalties.items():
@@ -338,6 +349,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = parser.add_argument_group("training")
     g.add_argument("--config", metavar="FILE", help="TOML file with the same settings (CLI wins)")
+    g.add_argument(
+        "--scenario",
+        choices=scenario_names(),
+        help=f"preset of the defaults of the options below, which still win, as --config does (default "
+        f"{DEFAULT_SCENARIO}: the built-in defaults); vicreg: VICReg terms with 2 samples per rank, where "
+        "per-rank penalties train a different model (see docs/cli.md)",
+    )
     g.add_argument("--nproc", type=int, metavar="W", help=f"worker processes (default {d.nproc})")
     g.add_argument("--sync", choices=SYNC_CHOICES, help=f"regularizer sync mode (default {d.sync})")
     g.add_argument(
@@ -383,17 +401,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, **overrides: Any) -> TrainConfig:
-    """Defaults < ``--config`` TOML < options given on the command line < ``overrides``."""
-    settings: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        settings.update(load_toml(args.config))
+    """Defaults < ``--scenario`` < ``--config`` TOML < options given on the command line < ``overrides``.
+
+    The scenario is the one named on the command line, else in the TOML file, else ``default``.
+    """
+    from_file: dict[str, Any] = load_toml(args.config) if getattr(args, "config", None) else {}
+    given: dict[str, Any] = {}
     for name in _FIELDS:
         if name == "penalties":
             continue
         value = getattr(args, name, None)
         if value is not None:
-            settings[name] = _coerce(name, value)
+            given[name] = _coerce(name, value)
     if getattr(args, "penalty", None):
-        settings["penalties"] = penalties_from_options(args.penalty)
+        given["penalties"] = penalties_from_options(args.penalty)
+    name = overrides.get("scenario", given.get("scenario", from_file.get("scenario", DEFAULT_SCENARIO)))
+    settings = get_scenario(name).defaults()
+    settings.update(from_file)
+    settings.update(given)
     settings.update(overrides)
+    settings["scenario"] = name
     return TrainConfig(**settings).validate()

@@ -6,6 +6,8 @@ and ``{"type": "epoch", ...}`` after each epoch (see ``docs/cli.md`` for the fie
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -13,11 +15,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor
 
 from ._deps import pyplot
 
 if TYPE_CHECKING:
+    from .config import TrainConfig
     from .train import RunResult
 
 MODE_COLORS = {"none": "#7f7f7f", "local": "#d62728", "global": "#1f77b4", "ema": "#2ca02c"}
@@ -292,6 +296,16 @@ GLOSSARY = """\
 """
 
 
+SPREAD_GLOSSARY = """\
+* **penalty (test set)**: the penalties' total with the whole test set as one batch -- the
+  objective they stand for, without the noise of small training batches.
+* **std**: each unit's standard deviation over the test set, averaged over the layer's units
+  (VICReg's variance term keeps it at `gamma` or above); **eff. rank**: the effective rank
+  `exp(entropy)` of the normalized eigenvalues of the layer's covariance on the test set (1: one
+  direction, the width: isotropic).
+"""
+
+
 def write_run_report(result: RunResult, *, plots: bool = True) -> Path:
     """``report.md`` (+ ``loss.png``, ``activity.png``, ``histograms.png``) in the run's ``--out``."""
     from .launch import torchrun_command
@@ -351,11 +365,55 @@ def write_run_report(result: RunResult, *, plots: bool = True) -> Path:
 
 
 # ---------------------------------------------------------------------- compare
+def feature_spread(acts: Tensor) -> dict[str, float]:
+    """How spread out a layer's features are over samples (``acts``: ``[..., d]``, positions first).
+
+    ``std``: the mean over units of each unit's standard deviation (unbiased), the quantity VICReg's
+    variance term keeps at ``gamma`` or above. ``effective_rank``: ``exp(H(p))`` with ``p`` the
+    eigenvalues of the (unbiased) covariance matrix divided by their sum (Roy & Vetterli 2007; RankMe),
+    between 1 (one direction) and ``d`` (isotropic); 0 when nothing varies. Computed in float64.
+    """
+    x = acts.detach().reshape(-1, acts.shape[-1]).to(torch.float64).cpu()
+    if x.shape[0] < 2:
+        return {"std": 0.0, "effective_rank": 0.0}
+    centered = x - x.mean(0)
+    cov = centered.T @ centered / (x.shape[0] - 1)
+    eig = torch.linalg.eigvalsh(cov).clamp_min(0.0)
+    total = float(eig.sum())
+    if total <= 0.0:
+        return {"std": 0.0, "effective_rank": 0.0}
+    p = eig[eig > 0] / total
+    return {
+        "std": float(cov.diagonal().sqrt().mean()),
+        "effective_rank": math.exp(float(-(p * p.log()).sum())),
+    }
+
+
+def held_out_penalty(penalties: Mapping[str, Sequence[str]], activations: Mapping[str, Tensor]) -> float:
+    """The total of ``penalties`` (``{glob: [spec, ...]}``) with the whole test set as one batch.
+
+    ``activations``: each regularized layer's outputs on the test set; every spec whose glob
+    matches the layer's name adds its value on them, computed in float64. The objective the
+    penalties stand for, measured on held-out data without the noise of small training batches.
+    """
+    from .config import build_penalties
+
+    built = build_penalties(penalties)
+    total = 0.0
+    for layer, acts in activations.items():
+        x = acts.detach().to(torch.float64).cpu()
+        for pattern, items in built.items():
+            if fnmatch.fnmatchcase(layer, pattern):
+                total += sum(float(p.value(p.record(x, None))) for p in items)
+    return total
+
+
 def compare_rows(results: Mapping[str, RunResult]) -> list[dict[str, Any]]:
     """One summary row per mode (final epoch), as written to ``compare.json``."""
     rows = []
     for mode, res in results.items():
         f = res.final
+        spread = {n: feature_spread(a) for n, a in res.activations.items()}
         rows.append(
             {
                 "mode": mode,
@@ -363,10 +421,13 @@ def compare_rows(results: Mapping[str, RunResult]) -> list[dict[str, Any]]:
                 "test_loss": f["test_loss"],
                 "train_loss": f["train_loss"],
                 "penalty_global": f["penalty_global"],
+                "penalty_test": held_out_penalty(res.config.penalties, res.activations),
                 "objective_error": f["objective_error"],
                 "rank_disagreement": f["rank_disagreement"],
                 "active_fraction": {n: a["active_fraction"] for n, a in f["test_activity"].items()},
                 "dead_units": {n: a["dead_units"] for n, a in f["test_activity"].items()},
+                "feature_std": {n: v["std"] for n, v in spread.items()},
+                "effective_rank": {n: v["effective_rank"] for n, v in spread.items()},
                 "wall_s": res.wall_s,
             }
         )
@@ -441,6 +502,13 @@ def plot_compare(results: Mapping[str, RunResult], path: Path, title: str = "") 
     _finish(fig, path)
 
 
+def _compare_argv(cfg: TrainConfig, out: Path, modes: Sequence[str]) -> list[str]:
+    """The compare worker's options: ``cfg`` is one mode's run (its ``--out`` and ``--sync``); not those."""
+    argv = dataclasses.replace(cfg, out=str(out)).to_argv()
+    i = argv.index("--sync")
+    return [*argv[:i], *argv[i + 2 :], "--modes", ",".join(modes)]
+
+
 def write_compare_report(results: Mapping[str, RunResult], out: str | Path, *, plots: bool = True) -> Path:
     """``compare.md``, ``compare.json``, ``compare.png``, ``compare_histograms.png`` in ``out``."""
     from .launch import torchrun_command
@@ -454,15 +522,22 @@ def write_compare_report(results: Mapping[str, RunResult], out: str | Path, *, p
         f"actreg compare: digits MLP, {first.world_size} ranks, batch {cfg.batch_size}, "
         f"{cfg.epochs} epochs, seed {cfg.seed}"
     )
+    if cfg.scenario != "default":
+        title += f", scenario {cfg.scenario}"
     write_text(
         out / "compare.json", json.dumps({"title": title, "rows": rows}, indent=2, sort_keys=True) + "\n"
     )
-    head = ["mode", "test acc", "test loss", "penalty (global)"] + [f"{n} active" for n in layers]
+    head = ["mode", "test acc", "test loss", "penalty (global)", "penalty (test set)"]
+    head += [f"{n} active" for n in layers]
+    head += [f"{n} std" for n in layers] + [f"{n} eff. rank" for n in layers]
     head += ["dead units", "rank disagreement", "objective error", "time"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         cells = [f"`{r['mode']}`", _pct(r["test_acc"]), _num(r["test_loss"]), _num(r["penalty_global"])]
+        cells.append(_num(r["penalty_test"]))
         cells += [_pct(r["active_fraction"][n]) for n in layers]
+        cells += [_num(r["feature_std"].get(n), ".3f") for n in layers]
+        cells += [_num(r["effective_rank"].get(n), ".1f") for n in layers]
         cells += [
             str(int(sum(r["dead_units"].values()))),
             _pct(r["rank_disagreement"]),
@@ -476,11 +551,11 @@ def write_compare_report(results: Mapping[str, RunResult], out: str | Path, *, p
         f"Same seed, data, initial weights and batch order in every row; penalties `{penalties}`. "
         "`none` trains without the penalty (its value is still measured).",
         "",
-        GLOSSARY,
+        GLOSSARY + SPREAD_GLOSSARY,
         "Per-mode details: `<mode>/metrics.jsonl`. Reproduce with torchrun:",
         "",
         "```",
-        torchrun_command(first.world_size, "actreg.demo.compare", cfg.to_argv()),
+        torchrun_command(first.world_size, "actreg.demo.compare", _compare_argv(cfg, out, list(results))),
         "```",
         "",
     ]
@@ -497,12 +572,15 @@ def format_compare_table(results: Mapping[str, RunResult]) -> str:
     """A plain-text version of the comparison table (printed by ``actreg compare``)."""
     rows = compare_rows(results)
     layers = layers_of(next(iter(results.values())).history)
-    head = ["mode", "test acc", "penalty"] + [f"{n} act" for n in layers] + ["dead", "rank dis.", "obj. err"]
+    head = ["mode", "test acc", "penalty", "test pen."] + [f"{n} act" for n in layers]
+    head += [f"{n} std" for n in layers] + [f"{n} rank" for n in layers] + ["dead", "rank dis.", "obj. err"]
     table = [head]
     for r in rows:
         table.append(
-            [r["mode"], _pct(r["test_acc"]), _num(r["penalty_global"])]
+            [r["mode"], _pct(r["test_acc"]), _num(r["penalty_global"]), _num(r["penalty_test"])]
             + [_pct(r["active_fraction"][n]) for n in layers]
+            + [_num(r["feature_std"].get(n), ".3f") for n in layers]
+            + [_num(r["effective_rank"].get(n), ".1f") for n in layers]
             + [
                 str(int(sum(r["dead_units"].values()))),
                 _pct(r["rank_disagreement"]),
