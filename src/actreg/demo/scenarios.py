@@ -6,9 +6,10 @@ options given on the command line. ``default`` is the demo as it always was.
 ``vicreg``: VICReg's variance and covariance terms on the first hidden layer, with global batches of
 8 split over 4 ranks -- 2 samples per rank. The covariance of 2 samples is a rank-1 matrix, so the
 per-rank (``sync="local"``) covariance term is quartic in the difference of the two samples and
-outweighs the variance floor: every unit's spread shrinks, and the global-batch penalty ends higher
-than with no penalty at all. ``sync="global"`` optimizes the penalty of the 8-sample batch and keeps
-the spread (``actreg compare --scenario vicreg``; numbers in the README).
+outweighs the variance floor: every unit's spread shrinks, and the penalty on the test set ends
+higher than with no penalty at all. ``sync="global"`` optimizes the penalty of the 8-sample batch
+(what one process would) and keeps the spread (``actreg compare --scenario vicreg``; numbers in the
+README).
 """
 
 from __future__ import annotations
