@@ -49,14 +49,25 @@ class ShadowStep(JoinHook):
         pass  # the shadow steps kept every rank's state identical: nothing to reconcile
 
 
-def private_group(group: Any) -> Any:
-    """A new process group with the ranks (and backend) of ``group`` (``None``: the default group).
+_PRIVATE: dict[tuple[int, tuple[int, ...], str], Any] = {}
 
-    Must be called by every member of ``group`` at the same point of the program.
+
+def private_group(group: Any) -> Any:
+    """A process group with the ranks (and backend) of ``group`` (``None``: the default group).
+
+    Must be called by every member of ``group`` at the same point of the program. Created once
+    per set of ranks and process (a regularizer built per epoch reuses it): a group over the whole
+    world is created by every rank, a subgroup by its members only (whose name is a hash of its
+    ranks, so it must not be created twice).
     """
-    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
-    backend = dist.get_backend(group)
-    return dist.new_group(ranks, backend=backend, use_local_synchronization=True)
+    world = dist.group.WORLD
+    ranks = tuple(dist.get_process_group_ranks(group if group is not None else world))
+    backend = str(dist.get_backend(group))
+    key = (id(world), ranks, backend)
+    if key not in _PRIVATE:
+        whole = len(ranks) == dist.get_world_size()
+        _PRIVATE[key] = dist.new_group(list(ranks), backend=backend, use_local_synchronization=not whole)
+    return _PRIVATE[key]
 
 
 def arrange(reg: ActivityRegularizer) -> None:
@@ -87,8 +98,10 @@ def arrange(reg: ActivityRegularizer) -> None:
             "its forward, and the regularizer's own collective comes after the forward"
         )
     hooks = join._join_hooks
-    ours = [h for h in hooks if isinstance(h, ShadowStep) and h.reg is reg]
-    join._join_hooks = ours + [h for h in hooks if not (isinstance(h, ShadowStep) and h.reg is reg)]
+    # every regularizer's hook first, in the order listed (several regularizers share the
+    # private group of their ranks: call their loss() in that order)
+    shadows = [h for h in hooks if isinstance(h, ShadowStep)]
+    join._join_hooks = shadows + [h for h in hooks if not isinstance(h, ShadowStep)]
 
 
 def _join_being_built(reg: ActivityRegularizer) -> Join | None:
