@@ -120,3 +120,26 @@ def test_tied_parameters_count_once():
     model = nn.ModuleDict({"emb": emb, "head": head})
     reg = actreg.ActivityRegularizer(model, {}, weights={"*.weight": actreg.WeightL2(1.0)})
     assert reg.loss().item() == pytest.approx(float(emb.weight.detach().pow(2).sum()), rel=1e-6)
+
+
+def _weight_ops(layers: int) -> int:
+    """Top-level aten ops of one loss()+backward() of a WeightL2 over ``layers`` weights."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(layers)])
+    reg = actreg.ActivityRegularizer(model, {}, weights={"*.weight": actreg.WeightL2(1e-4)})
+    for _ in range(2):
+        reg.loss().backward()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        reg.loss().backward()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def test_weight_penalty_ops_do_not_grow_per_parameter_beyond_the_gradient_accumulation():
+    # one fused norm forward and one fused multiply backward for any number of parameters; what
+    # grows is autograd's accumulation into each parameter's .grad (one op each)
+    assert _weight_ops(8) - _weight_ops(1) <= 7

@@ -202,8 +202,32 @@ def _local_shard(t: Tensor) -> Tensor:
 
 
 def _power_sum(tensors: list[Tensor], order: int, dtype: torch.dtype) -> Tensor:
-    """``Σ |t|^order`` over all elements of all ``tensors``: one fused norm, in ``dtype``."""
-    norms = torch._foreach_norm(tensors, order, dtype=dtype)
-    stacked = torch.stack(norms)
-    return stacked.pow(2).sum() if order == 2 else stacked.sum()
+    """``Σ |t|^order`` over all elements of all ``tensors`` (see :class:`PowerSum`)."""
+    return PowerSum.apply(order, dtype, *tensors)
+
+
+class PowerSum(torch.autograd.Function):
+    """``PowerSum.apply(order, dtype, *tensors) = Σ_t Σ |t|^order`` (order 1 or 2), in ``dtype``.
+
+    One autograd node for any number of parameters: forward is one fused norm per order
+    (``_foreach_norm``), backward ``order·|t|^(order-1)·sign(t)·g`` for all tensors in one or two
+    ``_foreach`` ops -- not a chain of ops per parameter.
+    """
+
+    @staticmethod
+    def forward(ctx: object, order: int, dtype: torch.dtype, *tensors: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.order = order  # type: ignore[attr-defined]
+        ctx.save_for_backward(*tensors)  # type: ignore[attr-defined]
+        stacked = torch.stack(torch._foreach_norm(list(tensors), order, dtype=dtype))
+        return stacked.square().sum() if order == 2 else stacked.sum()
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        tensors = list(ctx.saved_tensors)  # type: ignore[attr-defined]
+        if ctx.order == 2:  # type: ignore[attr-defined]
+            grads = torch._foreach_mul(tensors, grad * 2)
+        else:
+            grads = torch._foreach_sign(tensors)
+            torch._foreach_mul_(grads, grad)
+        return (None, None, *grads)
 
