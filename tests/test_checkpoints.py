@@ -143,9 +143,12 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
     for epoch in (1, 2, 9, 10):
         ck.checkpoint_path(tmp_path, epoch).parent.mkdir(exist_ok=True)
         ck.checkpoint_path(tmp_path, epoch).write_bytes(b"")
+    stale = ck.checkpoint_dir(tmp_path) / ".epoch_011.pt.tmp999999999"  # a writer killed mid-save
+    stale.write_bytes(b"partial")
     removed = ck.prune_checkpoints(tmp_path, 2)
     assert [p.name for p in removed] == ["epoch_001.pt", "epoch_002.pt"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["epoch_009.pt", "epoch_010.pt"]
+    assert not stale.exists()
 
 
 # ---------------------------------------------------------------------- settings

@@ -255,11 +255,19 @@ def set_aside(errors: list[CheckpointError], warn: Callable[[str], None]) -> Non
 
 
 def prune_checkpoints(out: str | Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest checkpoints of ``out``; return the deleted files."""
+    """Delete all but the ``keep`` newest checkpoints of ``out``; return the deleted files.
+
+    Also removes temporary files that a killed writer left behind (``.epoch_NNN.pt.tmpPID`` of
+    another process: the run directory is locked, so no other writer is alive).
+    """
     files = list_checkpoints(out)
     doomed = files[: max(len(files) - keep, 0)]
     for path in doomed:
         path.unlink(missing_ok=True)
+    mine = f".tmp{os.getpid()}"
+    for stale in checkpoint_dir(out).glob(".epoch_*.pt.tmp*"):
+        if not stale.name.endswith(mine):
+            stale.unlink(missing_ok=True)
     return doomed
 
 
