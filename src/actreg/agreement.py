@@ -87,7 +87,7 @@ def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
         "activity_threshold": reg.activity_threshold,
         "slots": reg.layout.describe(),
         "weights": reg.weights.describe() if reg.weights is not None else None,
-        "loaded_dims": sorted(reg._loaded_dims.items()),
+        "loaded_dims": sorted(reg.recorder.loaded_dims.items()),
     }
     dims = [reg.recorder.seen.get(i) for i in range(len(reg.layout.slots))]
     return Proposal(description, dims, str(dtype), shifts, dict(records.positions))

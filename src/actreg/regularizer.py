@@ -146,8 +146,6 @@ class ActivityRegularizer(Joinable):
         self._last_weights: Tensor | None = None  # reduced weight sums of the last step
         self._join_group: Any = None  # private process group, once a Join was built (see joining)
         self._join_arranged: Any = None  # the join config that `arrange` has seen
-        self._loaded_dims: dict[int, int] = {}  # feature sizes of a loaded state, checked at step 1
-        self.recorder.loaded_dims = self._loaded_dims
 
     @property
     def slot_names(self) -> list[str]:
@@ -348,7 +346,7 @@ class ActivityRegularizer(Joinable):
             "dims": {
                 s.name: size
                 for i, (s, d) in enumerate(zip(self.layout.slots, self.layout.dims, strict=True))
-                if (size := d or self._loaded_dims.get(i)) is not None
+                if (size := d or self.recorder.loaded_dims.get(i)) is not None
             },
         }
 
@@ -368,7 +366,7 @@ class ActivityRegularizer(Joinable):
         )
         self.ema.load(loaded.ema, loaded.step)
         self.shifts.load(loaded.shift)
-        self._loaded_dims = self.recorder.loaded_dims = dict(loaded.dims)
+        self.recorder.loaded_dims = dict(loaded.dims)
 
     def remove(self) -> None:
         """Remove every hook; recorded but unused statistics are dropped."""

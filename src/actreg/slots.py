@@ -37,6 +37,21 @@ def named_modules(root: nn.Module) -> dict[str, nn.Module]:
     return {clean_name(n): m for n, m in root.named_modules() if n}
 
 
+def match_glob(
+    pattern: str, names: list[str], where: str, what: str, root: nn.Module, hint: str
+) -> list[str]:
+    """The ``names`` the fnmatch glob ``pattern`` matches; none is a ``ValueError`` naming close
+    names (``where``: the argument, ``what``: "module" or "parameter", ``hint``: how to write one)."""
+    matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if not matched:
+        close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3) or names[:5]
+        raise ValueError(
+            f"{where} pattern {pattern!r} matches no {what} of {type(root).__name__}. "
+            f"Close {what} names: {close}. {hint}"
+        )
+    return matched
+
+
 def _as_penalties(pattern: str, value: Penalty | Sequence[Penalty]) -> list[Penalty]:
     if isinstance(value, str):
         raise TypeError(
@@ -79,15 +94,15 @@ def build_slots(
         if pattern in per_observed:
             per_observed[pattern].extend(items)
             continue
-        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-        if not matched:
-            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3) or names[:5]
-            raise ValueError(
-                f"penalty pattern {pattern!r} matches no module of {type(root).__name__}. "
-                f"Close module names: {close}. Patterns are fnmatch globs over "
-                "named_modules() names (e.g. 'encoder.layers.*.mlp'); for activations fed "
-                "through reg.observe(name, ...), list the name in observed=[...]."
-            )
+        matched = match_glob(
+            pattern,
+            names,
+            "penalty",
+            "module",
+            root,
+            "Patterns are fnmatch globs over named_modules() names (e.g. 'encoder.layers.*.mlp'); "
+            "for activations fed through reg.observe(name, ...), list the name in observed=[...].",
+        )
         for n in matched:
             # a module listed in `observed` is recorded through observe() only, not its hook
             (per_observed if n in per_observed else per_module).setdefault(n, []).extend(items)

@@ -25,8 +25,6 @@ not of the parameter, and its value differs per rank.
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
@@ -35,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .layout import unique_labels
-from .slots import clean_name
+from .slots import clean_name, match_glob
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor, Shard
@@ -102,14 +100,14 @@ class WeightTerms:
                         f"weights[{pattern!r}] must be actreg.WeightL2(...) / actreg.WeightL1(...) or a "
                         f"list of them, got {p!r}"
                     )
-            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not matched:
-                close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3) or names[:5]
-                raise ValueError(
-                    f"weights pattern {pattern!r} matches no parameter of {type(root).__name__}. "
-                    f"Close parameter names: {close}. Patterns are fnmatch globs over "
-                    "named_parameters() names (e.g. '*.weight', 'encoder.*')."
-                )
+            matched = match_glob(
+                pattern,
+                names,
+                "weights",
+                "parameter",
+                root,
+                "Patterns are fnmatch globs over named_parameters() names (e.g. '*.weight', 'encoder.*').",
+            )
             for p in items:
                 penalties.append(p)
                 refs.append([places[n] for n in matched])
@@ -166,10 +164,6 @@ class WeightTerms:
     def parameters(self) -> list[Tensor]:
         """Every matched parameter as registered now (each once)."""
         return self._resolve([ref for refs in self.refs for ref in refs])
-
-    def sharded(self) -> bool:
-        """Whether any matched parameter is a ``DTensor`` (sharded) right now."""
-        return any(isinstance(t, DTensor) for refs in self.refs for t in self._resolve(refs))
 
     def coefficients(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         key = (dtype, device)
