@@ -7,14 +7,13 @@ Lightning is imported here only inside the functions, so the test process never 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import pickle
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -32,8 +31,7 @@ def example(name: str) -> Any:
     return sys.modules[name]
 
 
-@contextlib.contextmanager
-def launched_as(rank: int, world_size: int) -> Iterator[None]:
+def launched_as(rank: int, world_size: int) -> Any:
     """The environment ``torchrun`` would give this rank, for the duration of the block."""
     env = {
         "LOCAL_RANK": str(rank),
@@ -42,16 +40,7 @@ def launched_as(rank: int, world_size: int) -> Iterator[None]:
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "29500",  # not used: the process group exists already
     }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return mock.patch.dict(os.environ, env)
 
 
 def _numpy(tree: Any) -> Any:

@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from unittest import mock
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -71,20 +72,6 @@ def free_port() -> int:
 def torchrun_command(nproc: int, module: str, argv: Sequence[str]) -> str:
     """The equivalent single-node ``torchrun`` command line (for docs and reports)."""
     return shlex.join(["torchrun", "--nproc-per-node", str(nproc), "-m", module, *argv])
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @contextmanager
@@ -171,7 +158,7 @@ def launch_module(
     launch_dir = Path(tempfile.mkdtemp(prefix="actreg-launch-"))
     env = {LAUNCH_DIR_ENV: str(launch_dir), LAUNCHER_PID_ENV: str(os.getpid())}
     try:
-        with _environment(env), _quiet_agent():
+        with mock.patch.dict(os.environ, env), _quiet_agent():
             elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
         return None
     except ChildFailedError as err:
