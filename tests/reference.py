@@ -137,6 +137,26 @@ def activations(params: list[Tensor], x: Tensor, pattern: str) -> Tensor:
     return h if pattern == "1" else h @ w2.T + b2
 
 
+def ema_update(
+    previous: dict[str, Tensor] | None, sums: dict[str, Tensor], decay: float
+) -> dict[str, Tensor]:
+    """``E_t = decay * E_{t-1} + (1 - decay) * S_t`` per statistic (``E_0 = 0``; no graph kept)."""
+    if previous is None:
+        return {k: (1 - decay) * v for k, v in sums.items()}
+    return {k: decay * previous[k].detach() + (1 - decay) * v for k, v in sums.items()}
+
+
+def sgd_step(loss: Tensor, params: list[Tensor], lr: float, allow_unused: bool = False) -> list[Tensor]:
+    """The gradients of ``loss`` (zeros for parameters it does not use, if ``allow_unused``), and
+    one plain SGD step ``p -= lr * g`` on ``params`` with them."""
+    grads = torch.autograd.grad(loss, params, allow_unused=allow_unused)
+    grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            p -= lr * g
+    return list(grads)
+
+
 def run(name: str, pattern: str, sync: str, world_size: int, steps: int) -> dict[str, list]:
     """Plain SGD on one process, the penalty as the only loss. Returns per-step grads and losses.
 
@@ -157,22 +177,14 @@ def run(name: str, pattern: str, sync: str, world_size: int, steps: int) -> dict
             loss = sum(per_rank) / world_size
         else:
             s = sums(name, act, mask)
-            ema = (
-                {k: (1 - DECAY) * v for k, v in s.items()}
-                if ema is None
-                else {k: DECAY * ema[k].detach() + (1 - DECAY) * s[k] for k in s}
-            )
+            ema = ema_update(ema, s, DECAY)
             n_bessel = ema["n"] / (1 - DECAY ** (step + 1))
             loss = value_of(name, ema, n_bessel)
             per_rank = [loss] * world_size
-        g = torch.autograd.grad(loss, params, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True)]
-        grads.append([gi.numpy().copy() for gi in g])
         losses.append(float(loss.detach()))
         rank_losses.append([float(v.detach()) for v in per_rank])
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p -= LR * gi
+        g = sgd_step(loss, params, LR, allow_unused=True)
+        grads.append([gi.numpy().copy() for gi in g])
     return {
         "grads": grads,
         "loss": losses,

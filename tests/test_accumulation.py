@@ -53,16 +53,10 @@ def _reference(recipe: str, sync: str) -> dict:
                 for n in NAMES:
                     s = reference.sums(n, act, mask)
                     old = ema.get(n)
-                    ema[n] = {
-                        k: 0.4 * v if old is None else 0.6 * old[k].detach() + 0.4 * v for k, v in s.items()
-                    }
+                    ema[n] = reference.ema_update(old, s, 0.6)
                     total = total + reference.value_of(n, ema[n], ema[n]["n"] / (1 - 0.6 ** (step + 1)))
             losses.append(float(total.detach()))
-        grads = torch.autograd.grad(total, params, allow_unused=True)
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                if g is not None:
-                    p -= cases.LR * g
+        reference.sgd_step(total, params, cases.LR, allow_unused=True)
     return {"loss": losses, "params": [p.detach().numpy() for p in params]}
 
 

@@ -35,18 +35,11 @@ def _reference(sync: str) -> dict:
             for name in NAMES:
                 s = reference.sums(name, act, mask[rows])
                 old = ema.get(name)
-                ema[name] = {
-                    k: (1 - DECAY) * v if old is None else DECAY * old[k].detach() + (1 - DECAY) * v
-                    for k, v in s.items()
-                }
+                ema[name] = reference.ema_update(old, s, DECAY)
                 n_bessel = ema[name]["n"] / (1 - DECAY ** (step + 1))
                 loss = loss + reference.value_of(name, ema[name], n_bessel)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True))
         losses.append(float(loss.detach()))
-        with torch.no_grad():
-            for p, g in zip(params, grads, strict=True):
-                p -= LR * g
+        reference.sgd_step(loss, params, LR, allow_unused=True)
     return {"loss": losses, "params": [p.detach().numpy() for p in params]}
 
 

@@ -32,19 +32,11 @@ def _reference(sync: str, steps: int = 3) -> dict[str, list]:
             loss = 9.0 * 0.5 * off(c_b) + 7.0 * off(c_u) / h.shape[1]
         else:
             s = {"s": h.sum(0), "o": h.T @ h, "n": torch.tensor(float(h.shape[0]), dtype=torch.float64)}
-            ema = (
-                {k: (1 - DECAY) * v for k, v in s.items()}
-                if ema is None
-                else {k: DECAY * ema[k].detach() + (1 - DECAY) * s[k] for k in s}
-            )
+            ema = reference.ema_update(ema, s, DECAY)
             nb = ema["n"] / (1 - DECAY ** (step + 1))
             loss = reference.value_of("DeCov", ema, nb) + reference.value_of("Covariance", ema, nb)
-        g = torch.autograd.grad(loss, params)
         losses.append(loss.item())
-        grads.append([gi.numpy().copy() for gi in g])
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p -= LR * gi
+        grads.append([g.numpy().copy() for g in reference.sgd_step(loss, params, LR)])
     return {"loss": losses, "grads": grads}
 
 

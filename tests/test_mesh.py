@@ -36,16 +36,10 @@ def expected(name: str, sync: str, group: int) -> dict[str, list]:
             loss = reference.direct(name, act, mask)
         else:
             s = reference.sums(name, act, mask)
-            prev = ema if ema is not None else {k: 0.0 * v.detach() for k, v in s.items()}
-            ema = {k: DECAY * prev[k].detach() + (1 - DECAY) * s[k] for k in s}
+            ema = reference.ema_update(ema, s, DECAY)
             loss = reference.value_of(name, ema, ema["n"] / (1 - DECAY ** (step + 1)))
-        g = torch.autograd.grad(loss, params, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for p, gi in zip(params, g, strict=True)]
         losses.append(loss.item())
-        grads.append([gi.numpy().copy() for gi in g])
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p -= LR * gi
+        grads.append([g.numpy().copy() for g in reference.sgd_step(loss, params, LR, allow_unused=True)])
     return {"loss": losses, "grads": grads}
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 import actreg
 import dist_cases_weights as cases
+import reference
 from problem import batch
 
 
@@ -33,12 +34,8 @@ def _reference() -> dict:
     for step in range(cases.STEPS):
         x, mask = batch(step)
         loss = _penalty(params, x, mask)
-        g = torch.autograd.grad(loss, params)
         losses.append(float(loss.detach()))
-        grads.append([gi.numpy().copy() for gi in g])
-        with torch.no_grad():
-            for p, gi in zip(params, g, strict=True):
-                p -= cases.LR * gi
+        grads.append([g.numpy().copy() for g in reference.sgd_step(loss, params, cases.LR)])
     return {"loss": losses, "grads": grads, "params": [p.detach().numpy() for p in params]}
 
 
