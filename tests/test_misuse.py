@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import actreg
+from states import assert_same_state
 
 
 def _model() -> nn.Sequential:
@@ -80,17 +81,6 @@ def _snapshot(reg: actreg.ActivityRegularizer) -> dict:
     return copy.deepcopy(reg.state_dict())
 
 
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], dict):
-            _assert_same(a[k], b[k])
-        elif isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
-
-
 def _broken(state: dict, change) -> dict:
     state = copy.deepcopy(state)
     change(state)
@@ -150,13 +140,13 @@ def test_load_state_dict_validates_everything_before_applying_anything(case):
         before = _snapshot(target)
         with pytest.raises(error, match=words):
             target.load_state_dict(bad)
-        _assert_same(before, _snapshot(target))  # all or nothing: nothing applied
+        assert_same_state(before, _snapshot(target))  # all or nothing: nothing applied
 
 
 def test_a_good_state_still_loads_and_continues_exactly():
     a, b = _trained(steps=2), _trained(steps=0)
     b.load_state_dict(a.state_dict())
-    _assert_same(a.state_dict(), b.state_dict())
+    assert_same_state(a.state_dict(), b.state_dict())
 
 
 def test_feature_size_mismatch_is_named_at_load_or_at_the_first_step():
@@ -186,7 +176,7 @@ def test_states_written_before_dims_existed_still_load():
     legacy.pop("dims")
     b = _trained(steps=0)
     b.load_state_dict(legacy)
-    _assert_same(a.state_dict(), b.state_dict())
+    assert_same_state(a.state_dict(), b.state_dict())
 
 
 # ------------------------------------------------------------------ compiled, unmasked

@@ -9,6 +9,7 @@ import torch
 import dist_cases
 import reference
 from problem import CASES
+from states import assert_same_state
 
 NAMES = ["KLSparsity", "VarianceFloor", "Covariance", "LoadBalance"]
 
@@ -18,22 +19,11 @@ def straight(pools):
     return pools[2].run(dist_cases.train, NAMES, "ema", 4)
 
 
-def _same_state(a, b) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        if isinstance(a[k], dict):
-            _same_state(a[k], b[k])
-        elif isinstance(a[k], torch.Tensor):
-            assert torch.equal(a[k], b[k]), k
-        else:
-            assert a[k] == b[k], k
-
-
 def test_state_is_identical_on_every_rank(straight):
     for name in NAMES:
         reg_states = [r[name]["state"]["reg"] for r in straight]
         assert reg_states[0]["step"] == 4 and reg_states[0]["ema"]
-        _same_state(reg_states[0], reg_states[1])
+        assert_same_state(reg_states[0], reg_states[1])
 
 
 def test_round_trip_continues_bit_for_bit(pools, straight):
@@ -45,7 +35,7 @@ def test_round_trip_continues_bit_for_bit(pools, straight):
             assert resumed[rank][name]["loss"] == straight[rank][name]["loss"][2:], name
             for a, b in zip(resumed[rank][name]["params"], straight[rank][name]["params"], strict=True):
                 assert np.array_equal(a, b), name
-            _same_state(resumed[rank][name]["state"]["reg"], straight[rank][name]["state"]["reg"])
+            assert_same_state(resumed[rank][name]["state"]["reg"], straight[rank][name]["state"]["reg"])
 
 
 def test_state_saved_at_two_ranks_loads_at_three(pools):
@@ -65,4 +55,4 @@ def test_state_dict_loads_with_torch_load_weights_only(tmp_path, straight):
     state = straight[0]["VarianceFloor"]["state"]["reg"]
     torch.save(state, tmp_path / "reg.pt")
     loaded = torch.load(tmp_path / "reg.pt", weights_only=True)
-    _same_state(state, loaded)
+    assert_same_state(state, loaded)
