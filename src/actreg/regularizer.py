@@ -281,11 +281,11 @@ class ActivityRegularizer(Joinable):
 
     @property
     def join_process_group(self) -> Any:
-        if not self._join_config.is_first_joinable:  # read while Join(...) is built
-            arrange(self)
-        elif self._join_arranged is not self._join_config:
+        # read while Join(...) is built (and, for the first joinable, every step): arrange the
+        # hooks once per Join -- each Join gives its joinables a new config
+        if self._join_arranged is not self._join_config:
             self._join_arranged = self._join_config
-            arrange(self)  # (first joinable: also read every step; arrange once per Join)
+            arrange(self)
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def _dtype_device(self, ex: Exchange) -> tuple[torch.dtype, torch.device]:  # of the step buffer
