@@ -155,8 +155,7 @@ class WeightTerms:
                         "collective, and this step communicates nothing (sync='local'): use "
                         "sync='global' or 'ema'"
                     )
-                s = _power_sum(shards, p.order, dtype)
-                s = s.detach() + (s - s.detach()) / g if g != 1.0 else s  # gradient exactly λ f'(p)
+                s = _power_sum(shards, p.order, dtype, grad_scale=1.0 / g)  # gradient exactly λ f'(p)
                 total = s if total is None else total + s
             sums.append(torch.zeros((), dtype=dtype, device=device) if total is None else total.to(device))
         return torch.stack(sums)  # type: ignore[arg-type]
@@ -195,22 +194,24 @@ def _local_shard(t: Tensor) -> Tensor:
     return t.to_local()  # type: ignore[attr-defined]
 
 
-def _power_sum(tensors: list[Tensor], order: int, dtype: torch.dtype) -> Tensor:
+def _power_sum(tensors: list[Tensor], order: int, dtype: torch.dtype, grad_scale: float = 1.0) -> Tensor:
     """``Σ |t|^order`` over all elements of all ``tensors`` (see :class:`PowerSum`)."""
-    return PowerSum.apply(order, dtype, *tensors)
+    return PowerSum.apply(order, dtype, grad_scale, *tensors)
 
 
 class PowerSum(torch.autograd.Function):
-    """``PowerSum.apply(order, dtype, *tensors) = Σ_t Σ |t|^order`` (order 1 or 2), in ``dtype``.
+    """``PowerSum.apply(order, dtype, grad_scale, *tensors) = Σ_t Σ |t|^order`` (order 1 or 2).
 
     One autograd node for any number of parameters: forward is one fused norm per order
-    (``_foreach_norm``), backward ``order·|t|^(order-1)·sign(t)·g`` for all tensors in one or two
-    ``_foreach`` ops -- not a chain of ops per parameter.
+    (``_foreach_norm``, in ``dtype``), backward ``grad_scale·order·|t|^(order-1)·sign(t)·g`` for all
+    tensors in one or two ``_foreach`` ops -- not a chain of ops per parameter.
     """
 
     @staticmethod
-    def forward(ctx: object, order: int, dtype: torch.dtype, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.order = order  # type: ignore[attr-defined]
+    def forward(  # type: ignore[override]
+        ctx: object, order: int, dtype: torch.dtype, grad_scale: float, *tensors: Tensor
+    ) -> Tensor:
+        ctx.order, ctx.grad_scale = order, grad_scale  # type: ignore[attr-defined]
         ctx.save_for_backward(*tensors)  # type: ignore[attr-defined]
         stacked = torch.stack(torch._foreach_norm(list(tensors), order, dtype=dtype))
         return stacked.square().sum() if order == 2 else stacked.sum()
@@ -218,10 +219,12 @@ class PowerSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         tensors = list(ctx.saved_tensors)  # type: ignore[attr-defined]
+        scale = ctx.grad_scale * ctx.order  # type: ignore[attr-defined]
+        factor = grad * scale if scale != 1.0 else grad
         if ctx.order == 2:  # type: ignore[attr-defined]
-            grads = torch._foreach_mul(tensors, grad * 2)
+            grads = torch._foreach_mul(tensors, factor)
         else:
             grads = torch._foreach_sign(tensors)
-            torch._foreach_mul_(grads, grad)
-        return (None, None, *grads)
+            torch._foreach_mul_(grads, factor)
+        return (None, None, None, *grads)
 
