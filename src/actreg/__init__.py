@@ -15,12 +15,12 @@ from .penalties import (
     DeCov,
     KLSparsity,
     LoadBalance,
-    Penalty,
     VarianceFloor,
     ZLoss,
     count_of,
     nonzero,
 )
+from .penalty import Penalty
 from .positions import positions
 from .regularizer import ActivityRegularizer
 from .weights import WeightL1, WeightL2, WeightPenalty

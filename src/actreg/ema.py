@@ -54,7 +54,7 @@ class MovingAverage:
         if delta is None or self.flat is None:
             return
         layout = self.layout
-        pieces = delta.split([layout.dims[i] for i in order])  # type: ignore[misc]
+        pieces = delta.split([layout.dims[i] for i in order])
         for i, d in zip(order, pieces, strict=True):
             block = self.flat.narrow(0, layout.offsets[i], layout.block_sizes[i])  # ours: move in place
             block.copy_(recenter_block(block, layout, i, d))

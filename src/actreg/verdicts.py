@@ -68,10 +68,11 @@ class Verdicts:
 
     def _read(self) -> list[float]:
         assert self._host is not None
-        fmt = {torch.float64: "d", torch.float32: "f"}.get(self._host.dtype)
-        if self._pinned or fmt is None:
+        if self._pinned or self._host.dtype not in (torch.float64, torch.float32):
             return self._host.tolist()  # host memory: no device synchronisation
-        return list(memoryview(self._bytes).cast(fmt)[: HEADER + 1])
+        view = memoryview(self._bytes)
+        values = view.cast("d") if self._host.dtype == torch.float64 else view.cast("f")
+        return list(values[: HEADER + 1])
 
     def check(self, who: str, explain_nonfinite: Callable[[Tensor], str]) -> None:
         """Raise the posted step's error (on every rank alike); no-op when it went well."""

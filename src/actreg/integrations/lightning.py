@@ -166,7 +166,7 @@ class ActivityRegularized:
         The copy builds its own regularizer in ``setup('fit')`` and loads that state. (Inside a fit
         the hooks, closures on the submodules, cannot be pickled.)
         """
-        state = dict(super().__getstate__())  # type: ignore[misc]
+        state: dict[str, Any] = dict(super().__getstate__())  # type: ignore[misc]
         state.pop("_actreg", None)
         state.pop("_actreg_done", None)
         return state
