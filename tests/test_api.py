@@ -121,6 +121,24 @@ def test_mask_context_applies_to_matching_modules_only():
     assert got == pytest.approx(expected.item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("glob", ["encodr.*", "encoder.0", "typo*"])
+def test_mask_glob_matching_no_regularized_module_is_a_value_error(glob: str) -> None:
+    """A ``modules=`` glob that would mask nothing (a typo, an unregularized module) is refused at
+    the call, naming the glob and the regularized modules, as a penalty glob matching nothing is."""
+    model = TwoBranch().double()
+    reg = actreg.ActivityRegularizer(model, {"encoder.1": actreg.L1(1.0), "head": actreg.L1(1.0)})
+    mask = torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    refused = r"reg\.mask\(modules=\.\.\.\) pattern .* matches no regularized module"
+    with pytest.raises(ValueError, match=refused) as info:
+        with reg.mask(mask, modules=glob):
+            pytest.fail("the block must not run")
+    assert repr(glob) in str(info.value) and "'encoder.1'" in str(info.value)
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    y = model(x)  # nothing masked, nothing left over from the refused call
+    h = model.encoder[1](model.encoder[0](x))
+    assert reg.loss().item() == pytest.approx((h.abs().sum() / 8 + y.abs().sum() / 8).item(), rel=1e-12)
+
+
 def test_nothing_recorded_without_autograd():
     model = TwoBranch()
     reg = actreg.ActivityRegularizer(model, {"head": actreg.L1(1.0)})

@@ -10,7 +10,6 @@ header and is raised by the next call on every rank.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from .compiling import guard_hooks, hooks_guarded
 from .layout import Layout
 from .positions import position_mask, require_bool_mask
 from .shifts import Shifts
+from .slots import match_glob
 from .statistics import BlockSpec, fused_statistics, no_autocast
 
 
@@ -84,9 +84,18 @@ class Recorder:
         # matched once, not in the hooks: fnmatch cannot be traced (a graph break under torch.compile)
         names = self._matched.get(modules)
         if names is None:
-            names = self._matched[modules] = frozenset(
-                s.name for s in self.layout.slots if fnmatch.fnmatchcase(s.name, modules)
+            # a glob that masks nothing is a ValueError at the call, as a penalty glob matching nothing is
+            matched = match_glob(
+                modules,
+                [s.name for s in self.layout.slots if s.from_module],
+                "reg.mask(modules=...)",
+                "regularized module",
+                "this ActivityRegularizer",
+                "The glob is matched against the modules the penalty patterns matched (reg.mask masks "
+                "what their hooks record); modules='*', the default, masks them all. Activations fed "
+                "through reg.observe(name, tensor, mask) take their mask there.",
             )
+            names = self._matched[modules] = frozenset(matched)
         entry = (mask, names)
         self._masks.append(entry)
         try:

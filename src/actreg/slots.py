@@ -38,16 +38,17 @@ def named_modules(root: nn.Module) -> dict[str, nn.Module]:
 
 
 def match_glob(
-    pattern: str, names: list[str], where: str, what: str, root: nn.Module, hint: str
+    pattern: str, names: list[str], where: str, what: str, root: nn.Module | str, hint: str
 ) -> list[str]:
     """The ``names`` the fnmatch glob ``pattern`` matches; none is a ``ValueError`` naming close
-    names (``where``: the argument, ``what``: "module" or "parameter", ``hint``: how to write one)."""
+    names (``where``: the argument, ``what``: "module" or "parameter", ``root``: the model, or
+    what holds the names, ``hint``: how to write one)."""
     matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     if not matched:
         close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.3) or names[:5]
+        owner = root if isinstance(root, str) else type(root).__name__
         raise ValueError(
-            f"{where} pattern {pattern!r} matches no {what} of {type(root).__name__}. "
-            f"Close {what} names: {close}. {hint}"
+            f"{where} pattern {pattern!r} matches no {what} of {owner}. Close {what} names: {close}. {hint}"
         )
     return matched
 
