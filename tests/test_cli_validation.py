@@ -103,6 +103,16 @@ def _plain(*argv: str) -> Callable[[Path], list[str]]:
     return lambda tmp: ["--out", str(tmp / "out"), *argv]
 
 
+def _config_not_utf8(tmp: Path) -> list[str]:
+    (tmp / "run.toml").write_bytes(b"seed = 1\n# caf\xe9 in Latin-1\n")
+    return ["--out", str(tmp / "out"), "--config", str(tmp / "run.toml")]
+
+
+def _config_hidden_not_integers(tmp: Path) -> list[str]:
+    (tmp / "run.toml").write_text('hidden = "128,abc"\n')
+    return ["--out", str(tmp / "out"), "--config", str(tmp / "run.toml")]
+
+
 CASES = {
     "L1:nan": (_plain("--penalty", "act1=L1:nan"), "penalty spec 'L1:nan': 'nan' is not a finite number"),
     "L1:inf": (_plain("--penalty", "act1=L1:inf"), "'inf' is not a finite number"),
@@ -115,6 +125,17 @@ CASES = {
     "lr nan": (_plain("--lr", "nan"), "lr must be a finite number > 0, got nan"),
     "test fraction 0.9999": (_plain("--test-fraction", "0.9999"), "leaves 0 of the 1797 digits"),
     "keep 0": (_plain("--keep", "0"), "keep must be >= 1"),
+    "seed 2**64": (
+        _plain("--seed", str(2**64)),
+        f"--seed {2**64} is outside torch's seed range [-2**63, 2**64 - 1] = [{-(2**63)}, {2**64 - 1}]",
+    ),
+    "seed -2**63-1": (_plain("--seed", str(-(2**63) - 1)), "is outside torch's seed range"),
+    "hidden 128,abc": (
+        _plain("--hidden", "128,abc"),
+        "--hidden '128,abc': expected the hidden layer sizes as comma-separated positive integers",
+    ),
+    "hidden 128,abc in the config": (_config_hidden_not_integers, "run.toml: --hidden '128,abc': expected"),
+    "config not UTF-8": (_config_not_utf8, "run.toml: not UTF-8 text (invalid continuation byte: byte 0xe9"),
     "resume and overwrite": (_plain("--resume", "--overwrite"), "--resume and --overwrite exclude"),
     "out is a file": (_run_dir_file, "is an existing file, not a directory"),
     "out/checkpoints is a file": (_checkpoints_file, "checkpoints is an existing file, not a directory"),
@@ -169,6 +190,21 @@ def test_compare_refuses_a_reused_mode_directory(
     assert launches == []
 
 
+def test_compare_creates_no_checkpoints_directory_of_its_own(
+    tmp_path: Path, launches: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each mode writes ``--out/<mode>/checkpoints``; ``--out/checkpoints`` is no file of compare's:
+    not created, and a file in its place (or a directory it could not create) does not matter."""
+    assert main(["compare", *BASE, "--out", str(tmp_path / "fresh"), "--modes", "none,global"]) == 0
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == [".lock", "global", "none"]
+    assert (tmp_path / "fresh" / "global" / "checkpoints").is_dir()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoints").write_text("not compare's")
+    argv = ["compare", *BASE, "--out", str(tmp_path / "old"), "--modes", "local"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(launches) == 2
+
+
 def test_compare_refuses_resume(
     tmp_path: Path, launches: list[object], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -183,6 +219,51 @@ def test_verify_tol_must_be_finite_and_positive(tol: str, capsys: pytest.Capture
         main(["verify", "--tol", tol])
     assert info.value.code == 2
     assert "actreg verify: error: argument --tol:" in capsys.readouterr().err
+
+
+INTEGER_ACTIVATION = """
+import torch
+from torch import nn
+import actreg
+
+class Quantize(nn.Module):
+    def forward(self, x):
+        return x.round().long()
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.quant = Quantize()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        self.quant(h)
+        return self.head(h)
+
+def with_targets():
+    return Model(), (torch.randn(11, 6), torch.randint(0, 3, (11,))), {"quant": actreg.L1(1e-2)}
+
+def without_targets():
+    return Model(), torch.randn(11, 6), {"quant": actreg.L1(1e-2)}
+"""
+
+
+@pytest.mark.parametrize("factory", ["with_targets", "without_targets"])
+def test_verify_names_a_regularized_module_with_integer_outputs(
+    factory: str, tmp_path: Path, launches: list[object], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 3 (your model is at fault) naming the module and its dtype, before any worker starts. It
+    used to blame "the backward through the model" (no task loss) or PASS having compared the task
+    loss's gradients alone (the penalty of a step that cannot record is zero)."""
+    (tmp_path / "intmodel.py").write_text(INTEGER_ACTIVATION)
+    assert main(["verify", f"{tmp_path / 'intmodel.py'}:{factory}"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("actreg verify: error: a regularized module of your model outputs what actreg ")
+    assert "'quant': ValueError: expected a floating tensor" in err and "got a torch.int64 tensor" in err
+    assert err.count("\n") == 1, err
+    assert launches == []
 
 
 def test_tensorboard_missing_is_a_usage_error(

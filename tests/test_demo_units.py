@@ -147,6 +147,24 @@ def test_global_batches_partition_each_epoch_deterministically() -> None:
         assert torch.equal(torch.cat(shards), batches[-1])
 
 
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 184_467_440_737_096, 2**63 - 1, 2**64 - 1])
+def test_every_seed_in_torchs_range_is_accepted_and_orders_every_epoch(seed: int) -> None:
+    """``--seed`` takes torch's whole seed range; the per-epoch seed derived from it used to overflow
+    torch's in the workers for seeds above ~1.8e14 (``seed * 100003`` beyond 2**64)."""
+    assert _parse(["--seed", str(seed)]).seed == seed
+    for epoch in (0, 11):
+        assert sorted(epoch_order(37, seed, epoch).tolist()) == list(range(37))
+    assert not torch.equal(epoch_order(37, seed, 0), epoch_order(37, seed, 1))
+
+
+@pytest.mark.parametrize("seed", [-5, 0, 3, 10**13])
+def test_seeds_that_worked_keep_their_batch_order(seed: int) -> None:
+    """The reduction modulo 2**64 changes no order torch gave before (it reduces the same way)."""
+    for epoch in (0, 7):
+        old = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+        assert torch.equal(epoch_order(37, seed, epoch), torch.randperm(37, generator=old))
+
+
 def test_digits_split() -> None:
     pytest.importorskip("sklearn")
     d = load_digits_split(seed=0, test_fraction=0.2)

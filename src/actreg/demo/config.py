@@ -62,6 +62,9 @@ SYNC_CHOICES = ("none", *SYNC_MODES)  # "none": train without actreg
 BACKEND_CHOICES = ("auto", "gloo", "nccl")
 #: Samples in scikit-learn's digits; ``load_digits_split`` holds out ``max(1, ceil(test_fraction * 1797))``.
 DIGITS_SAMPLES = 1797
+#: ``--seed``: the integers ``torch.manual_seed`` takes, -2**63 to 2**64 - 1 (it reduces them modulo
+#: 2**64). The per-epoch seeds derived from it are reduced the same way (``data.epoch_order``).
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def default_penalties() -> dict[str, list[str]]:
@@ -106,6 +109,11 @@ class TrainConfig:
             raise ValueError(f"sync must be one of {SYNC_CHOICES}, got {self.sync!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(
+                f"--seed {self.seed} is outside torch's seed range [-2**63, 2**64 - 1] = "
+                f"[{SEED_RANGE[0]}, {SEED_RANGE[1]}]; give a seed in it, e.g. --seed 0"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -190,6 +198,21 @@ def _number(text: str, where: str) -> int | float:
     if not math.isfinite(value):
         raise ValueError(f"{where}: {text!r} is not a finite number")
     return value
+
+
+def parse_hidden(text: str) -> list[int]:
+    """``"128,64"`` -> ``[128, 64]`` (``--hidden``, or ``hidden = "128,64"`` in the TOML file).
+
+    Anything but comma-separated integers is a ``ValueError`` naming ``--hidden``; the sizes are
+    checked to be positive by ``TrainConfig.validate``.
+    """
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(_INT.match(part) for part in parts):
+        raise ValueError(
+            f"--hidden {text!r}: expected the hidden layer sizes as comma-separated positive integers, "
+            "e.g. --hidden 128,64"
+        )
+    return [int(part) for part in parts]
 
 
 def positive_finite(text: str) -> float:
@@ -298,8 +321,10 @@ def _coerce(name: str, value: Any) -> Any:
         return table
     if name == "hidden":
         if isinstance(value, str):
-            value = [int(v) for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
+            value = parse_hidden(value)
+        if not isinstance(value, list) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
             raise ValueError(f"hidden must be a list of integers, got {value!r}")
         return value
     if isinstance(default, bool):
@@ -326,6 +351,11 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             data = tomllib.load(fh)
     except OSError as err:
         raise ValueError(f"--config {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:  # tomllib decodes the bytes as UTF-8 first
+        raise ValueError(
+            f"--config {path}: not UTF-8 text ({err.reason}: byte 0x{err.object[err.start]:02x} at offset "
+            f"{err.start}); TOML files must be UTF-8: save the file as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"--config {path}: invalid TOML: {err}") from None
     settings: dict[str, Any] = {}

@@ -70,9 +70,12 @@ def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     """The sample order of ``epoch``: a permutation drawn from a generator seeded by (seed, epoch).
 
-    Independent of earlier epochs, so a resumed run sees exactly the same batches.
+    Independent of earlier epochs, so a resumed run sees exactly the same batches. The generator's
+    seed is ``seed * 100003 + epoch + 1`` modulo 2**64: torch takes seeds modulo 2**64 (``-1`` is
+    ``2**64 - 1``) but refuses integers outside [-2**63, 2**64), so the reduction gives every seed
+    the order it had before and lets seeds above ~1.8e14 work (see ``SEED_RANGE`` in ``config``).
     """
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+    g = torch.Generator().manual_seed((seed * 100_003 + epoch + 1) % 2**64)
     return torch.randperm(n, generator=g)
 
 

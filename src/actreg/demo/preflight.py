@@ -64,7 +64,8 @@ def validate_before_launch(cfg: TrainConfig, modes: Sequence[str] | None = None)
         require_tensorboard()
     check_penalties_fit(cfg)
     runs = [Path(cfg.out)] if modes is None else [Path(cfg.out) / m for m in modes]
-    prepare_output(cfg.out)
+    if modes is not None:  # compare's top directory holds compare.md and the mode directories only
+        prepare_output(cfg.out, checkpoints=False)
     for run_dir in runs:
         prepare_output(run_dir, tensorboard=cfg.tensorboard)
     lock_run_directory(cfg.out)

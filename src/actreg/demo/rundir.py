@@ -46,11 +46,15 @@ def _make_dir(path: Path, out: str | Path, what: str) -> None:
         raise _error(out, problem, "give a writable --out") from None
 
 
-def prepare_output(out: str | Path, *, tensorboard: bool = False) -> None:
-    """Create ``out`` and ``out/checkpoints`` (and ``out/tensorboard``) and check that they are writable."""
+def prepare_output(out: str | Path, *, tensorboard: bool = False, checkpoints: bool = True) -> None:
+    """Create ``out`` and ``out/checkpoints`` (and ``out/tensorboard``) and check that they are writable.
+
+    ``checkpoints=False``: ``out`` alone (``actreg compare``'s top directory, whose runs each have
+    their own ``out/<mode>/checkpoints``).
+    """
     root = Path(out)
     _make_dir(root, out, "the output directory")
-    dirs = [checkpoint_dir(root)] + ([root / TENSORBOARD_DIR] if tensorboard else [])
+    dirs = ([checkpoint_dir(root)] if checkpoints else []) + ([root / TENSORBOARD_DIR] if tensorboard else [])
     for path in dirs:
         _make_dir(path, out, "the directory")
     for path in [root, *dirs]:

@@ -31,6 +31,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -182,6 +183,25 @@ def _without_grad(model: nn.Module, frozen: Sequence[str] = ()) -> list[str]:
     return [n for n, p in model.named_parameters() if (p.requires_grad or n in frozen) and p.grad is None]
 
 
+def _check_recorded(reg: actreg.ActivityRegularizer) -> None:
+    """Raise :class:`FactoryError` (exit code 3) if a regularized module's output could not be recorded.
+
+    ``reg.loss()`` never raises for the step it computes: a module whose output actreg cannot
+    regularize (integers, not a tensor, no features) gives a zero penalty, with no gradient, and the
+    error waits for the next call. Without this check ``verify`` would compare the task loss alone
+    (a PASS that checked no penalty) or blame the backward ("does not require grad").
+    """
+    try:
+        reg.check()
+    except actreg.RecordingError as err:
+        text = re.sub(r"^\[actreg, [^\]]*\] recording failed on this rank in step \d+: ", "", str(err))
+        raise FactoryError(
+            f"a regularized module of your model outputs what actreg cannot regularize: {text}. "
+            "Put the penalty on a module whose output is a floating-point tensor [..., features] "
+            "(e.g. the one before a rounding or an argmax)"
+        ) from None
+
+
 def reference(problem: Problem, *, sync: str, decay: float, task_loss: str) -> dict[str, Any]:
     """Gradients in this process on the whole batch (world size 1)."""
     if dist.is_available() and dist.is_initialized():
@@ -190,6 +210,7 @@ def reference(problem: Problem, *, sync: str, decay: float, task_loss: str) -> d
     out = _user_code("the model's forward", lambda: problem.model(problem.inputs))
     task = _task_loss(task_loss, out, problem.targets)
     penalty = reg.loss()
+    _check_recorded(reg)
     loss = penalty if task is None else task / problem.inputs.shape[0] + penalty
     _user_code("the backward through the model", loss.backward)
     reg.remove()
@@ -393,6 +414,7 @@ def _worker(args: argparse.Namespace) -> int:
     out = _user_code("the model's forward", lambda: ddp(problem.inputs[lo:hi]))
     task = _task_loss(args.task_loss, out, targets)
     penalty = reg.loss()
+    _check_recorded(reg)  # raises on every rank when one could not record (exit code 3)
     loss = penalty if task is None else task * (world / n) + penalty
     _user_code("the backward through the model", loss.backward)
     sizes = [shard_bounds(n, world, r)[1] - shard_bounds(n, world, r)[0] for r in range(world)]
