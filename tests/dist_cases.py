@@ -167,13 +167,19 @@ def layout_mismatch(rank: int, world_size: int, kind: str) -> str:
         penalties = {"1": actreg.L1(0.1)} if rank != 1 else {"1": actreg.L1(0.1), "2": actreg.ZLoss(0.1)}
     elif kind == "weight":
         penalties = {"1": actreg.L1(0.1 if rank != 1 else 0.2)}
-    elif kind in ("sync", "local", "nonfinite", "record_eval"):
+    elif kind in ("sync", "local", "nonfinite", "record_eval", "weight_params", "weight_shapes"):
         penalties = {"1": actreg.L1(0.1)}
     else:
         raise ValueError(kind)
     other = {"sync": "ema", "local": "local"}.get(kind, "global")
     sync = other if rank == 1 else "global"
     extra: dict[str, Any] = {}
+    if kind == "weight_params":  # the same penalty and count, on another parameter of the same model
+        extra["weights"] = {"2.weight" if rank == 1 else "0.weight": actreg.WeightL2(0.1)}
+    if kind == "weight_shapes":  # the same name, label and count, on a parameter of another shape
+        if rank == 1:
+            model[2] = nn.Linear(model[2].in_features, 3).double()
+        extra["weights"] = {"2.weight": actreg.WeightL2(0.1)}
     if kind == "nonfinite" and rank == 1:
         extra["nonfinite"] = "skip"
     if kind == "record_eval" and rank == 1:

@@ -59,3 +59,45 @@ def mesh_train(rank: int, world_size: int, names: list[str], sync: str) -> dict[
         out[name] = {"loss": losses, "grads": grads}
     return out
 
+
+def tp_weights(rank: int, world_size: int) -> dict[str, Any]:
+    """Weight penalties on tensor-parallel parameters of the 2 x 2 mesh (no forward needed).
+
+    ``0.weight`` is ``ColwiseParallel`` over "tp" (``Shard(0)``) and ``2.weight`` is laid out as
+    HSDP would (``Replicate`` on "dp", ``Shard(0)`` on "tp"). A regularizer on the dp group (or on
+    every rank) would count the local tp shard once per rank of its group and miss the other
+    shard: each is refused, on every rank. On the tp group -- the ranks the shards lie on -- the
+    penalty is the whole parameter's, and the gradient on each shard exactly ``λ f'(p)``.
+    """
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", MESH, mesh_dim_names=("dp", "tp"))
+    model = make_model()
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel()})
+    hsdp = distribute_tensor(model[2].weight.detach(), mesh, [Replicate(), Shard(0)])
+    model[2].weight = torch.nn.Parameter(hsdp)
+    out: dict[str, Any] = {"dp": mesh.get_local_rank("dp"), "tp": mesh.get_local_rank("tp"), "refused": {}}
+    for name, group in (("0.weight", mesh.get_group("dp")), ("2.weight", None)):  # None: every rank
+        reg = actreg.ActivityRegularizer(model, {}, weights={name: actreg.WeightL2(0.3)}, process_group=group)
+        try:
+            out["refused"][name] = f"no error: {reg.loss().item()}"
+        except ValueError as err:
+            out["refused"][name] = str(err)
+        reg.remove()
+    out["exact"] = {}
+    for name in ("0.weight", "2.weight"):
+        reg = actreg.ActivityRegularizer(
+            model, {}, weights={name: actreg.WeightL2(0.3)}, process_group=mesh.get_group("tp")
+        )
+        model.zero_grad()
+        loss = reg.loss()
+        loss.backward()
+        param = model.get_parameter(name)
+        out["exact"][name] = {
+            "loss": loss.item(),
+            "grad": param.grad.full_tensor().detach().numpy().copy(),  # type: ignore[union-attr]
+            "placements": str(tuple(param.placements)),  # type: ignore[attr-defined]
+        }
+        reg.remove()
+    return out

@@ -42,6 +42,9 @@ def test_local_mode_communicates_only_the_first_step_agreement(pools):
         ("local", ["sync", "'local'", "'global'"]),  # used to hang: local skipped the agreement
         ("nonfinite", ["nonfinite", "'skip'", "'raise'"]),
         ("record_eval", ["record_eval", "True", "False"]),
+        # weight penalties on different parameters used to be averaged silently (same label, count)
+        ("weight_params", ["weights", "'2.weight [4, 6]'", "'0.weight [6, 5]'", "rank 1"]),
+        ("weight_shapes", ["weights", "'2.weight [3, 6]'", "'2.weight [4, 6]'", "rank 1"]),
     ],
 )
 def test_layout_mismatch_raises_on_every_rank(pools, kind, words):

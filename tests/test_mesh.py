@@ -59,3 +59,41 @@ def test_penalty_of_each_dp_group_is_its_own_global_batch(pools, sync: str) -> N
                     )
         by_group = {got["tp"]: got[name]["loss"] for got in ranks}
         assert not np.allclose(by_group[0], by_group[1], rtol=1e-3), (name, by_group)
+
+
+def test_tensor_parallel_weights_are_exact_on_their_group_and_refused_elsewhere(pools) -> None:
+    """A weight penalty sums local shards over the regularizer's group: exact when the group is the
+    ranks the parameter is sharded over, a ValueError on every rank otherwise (a ColwiseParallel
+    weight with the regularizer on the dp group used to give 2x the local tp shard's sum)."""
+    ranks = pools[4].run(dist_cases_mesh.tp_weights, timeout=240.0)
+    full = {name: p.detach() for name, p in make_model().named_parameters()}  # float64, unsharded
+    for rank, got in enumerate(ranks):
+        tp_ranks = sorted(r for r, other in enumerate(ranks) if other["dp"] == got["dp"])
+        for name, mesh_words in (
+            ("0.weight", ["(Shard(dim=0),)", "mesh dims ('tp',)"]),
+            ("2.weight", ["(Replicate(), Shard(dim=0))", "mesh dims ('dp', 'tp')"]),
+        ):
+            message = got["refused"][name]
+            who = message.split("]")[0]  # "[actreg, rank 1 (global rank 2)" on the dp group
+            assert who == f"[actreg, rank {rank}" or who.endswith(f"(global rank {rank})"), message
+            for word in [
+                repr(name),
+                *mesh_words,
+                f"global ranks {tp_ranks}",
+                "process_group",
+                "weight decay",
+            ]:
+                assert word in message, f"rank {rank} {name}: {word!r} not in\n{message}"
+        for name, placements in (
+            ("0.weight", "(Shard(dim=0),)"),
+            ("2.weight", "(Replicate(), Shard(dim=0))"),
+        ):
+            exact = got["exact"][name]
+            assert exact["placements"] == placements
+            p = full[name]
+            np.testing.assert_allclose(
+                exact["loss"], 0.3 * float(p.pow(2).sum()), rtol=1e-12, err_msg=f"rank {rank} {name}"
+            )
+            np.testing.assert_allclose(
+                exact["grad"], (0.6 * p).numpy(), rtol=1e-12, atol=1e-15, err_msg=f"rank {rank} {name}"
+            )

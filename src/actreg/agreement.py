@@ -16,6 +16,7 @@ from torch import Tensor
 from .errors import LayoutMismatchError
 from .exchange import Exchange
 from .layout import Layout, describe_differences
+from .weights import summed_ranks
 
 if TYPE_CHECKING:
     from .recording import Records
@@ -66,6 +67,7 @@ def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
 
 def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
     """What this rank built and saw in its first step."""
+    ex = reg._get_exchange()
     dtype = reg.stats_dtype or torch.float32
     for b in records.blocks.values():
         dtype = torch.promote_types(dtype, b.dtype)
@@ -86,7 +88,11 @@ def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
         "stats_dtype": str(reg.stats_dtype),
         "activity_threshold": reg.activity_threshold,
         "slots": reg.layout.describe(),
-        "weights": reg.weights.describe() if reg.weights is not None else None,
+        "weights": (  # which parameters (names, global shapes, placements), not only how many
+            reg.weights.describe(summed_ranks(ex.group, reg.mode.communicates), ex.who, reg.sync)
+            if reg.weights is not None
+            else None
+        ),
         "loaded_dims": sorted(reg.recorder.loaded_dims.items()),
     }
     dims = [reg.recorder.seen.get(i) for i in range(len(reg.layout.slots))]

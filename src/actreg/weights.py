@@ -18,6 +18,19 @@ ride in the step's one collective, so they are right however the parameters are 
 A regularizer may be built before or after ``fully_shard``: the parameters are looked up by name
 on their modules at every ``loss()``, and each is treated as what it is at that moment.
 
+A ``DTensor`` is summed exactly when the ranks it is sharded over -- those of its mesh dimensions
+with a ``Shard`` placement, through this rank -- are exactly the ranks whose sums the step adds
+(the regularizer's ``process_group``; this rank alone when the step communicates nothing). FSDP2 on
+the data-parallel group qualifies; so do HSDP (``Replicate`` on the replicate dimension, ``Shard``
+on the shard dimension) and tensor parallelism (``ColwiseParallel``: ``Shard`` on the tp dimension)
+with a regularizer on the group of the sharded dimension. Anything else would count a shard once
+per rank of the group and miss the others -- a regularizer on the dp group summing a tp shard, HSDP
+with a regularizer on every rank, ``Partial`` placements -- and is a ``ValueError`` on every rank at
+the first ``loss()`` naming the parameter, its placements and mesh: summing it exactly would need a
+second collective, over the shard dimensions, in every step. The first ``loss()`` also compares,
+across ranks, which parameters each penalty matched (clean names, global shapes, placements and that
+verdict): ranks that regularize different parameters raise ``LayoutMismatchError``.
+
 So a plain ``λ·Σp²`` added to each worker's loss is already right under DDP. It is *not* right on
 sharded parameters, where each worker holds a shard: ``λ·Σ p_shard²`` is the penalty of the shard,
 not of the parameter, and its value differs per rank.
@@ -26,19 +39,20 @@ not of the parameter, and its value differs per rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .layout import unique_labels
 from .slots import clean_name, match_glob
 
 try:  # torch >= 2.5
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch 2.4
-    from torch.distributed._tensor import DTensor, Shard  # type: ignore[no-redef]
+    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
 
 
 class WeightPenalty:
@@ -92,6 +106,7 @@ class WeightTerms:
         names = list(places)
         penalties: list[WeightPenalty] = []
         refs: list[list[tuple[nn.Module, str]]] = []
+        names_per_penalty: list[list[str]] = []
         for pattern, value in weights.items():
             items = value if isinstance(value, (list, tuple)) else [value]
             for p in items:
@@ -111,18 +126,70 @@ class WeightTerms:
             for p in items:
                 penalties.append(p)
                 refs.append([places[n] for n in matched])
+                names_per_penalty.append(list(matched))
         self.penalties = penalties
         self.labels = unique_labels(penalties)  # type: ignore[arg-type]
+        self.names = names_per_penalty  #: clean names of the matched parameters, per penalty
         self.refs = [[(module._parameters, attr) for module, attr in r] for r in refs]
         self._weights: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        #: global ranks whose sums one step adds, this rank's name and whether sync is local (describe)
+        self._summed: frozenset[int] | None = None
+        self._who, self._local = "rank 0", False
+        #: (mesh, placements) -> None if a DTensor laid out so sums exactly, else why not
+        self._verdicts: dict[tuple[int, tuple[object, ...]], tuple[object, str | None]] = {}
 
     def __len__(self) -> int:
         return len(self.penalties)
 
-    def describe(self) -> list[tuple[str, str, int]]:
-        """(label, penalty, number of matched parameters) per penalty, for the first-step agreement."""
-        triples = zip(self.labels, self.penalties, self.refs, strict=True)
-        return [(label, repr(p), len(r)) for label, p, r in triples]
+    def describe(
+        self, summed: Collection[int], who: str, sync: str
+    ) -> list[tuple[str, str, tuple[str, ...]]]:
+        """``(label, penalty, parameters)`` per penalty, for the first-step agreement.
+
+        Each matched parameter is ``"name [global shape]"``; a ``DTensor`` adds its placements and
+        whether it is sharded over exactly the ranks ``summed`` (the global ranks whose sums one
+        step adds, see :func:`summed_ranks`), so that ranks which would sum different parameters,
+        or refuse different ones, fail the agreement together. ``who`` names this rank in errors;
+        ``sync`` is the regularizer's mode (the hint when ``'local'`` is what stops a DTensor).
+        """
+        self._summed, self._who, self._local = frozenset(summed), who, sync == "local"
+        out = []
+        for label, p, names, refs in zip(self.labels, self.penalties, self.names, self.refs, strict=True):
+            params = []
+            for name, (registered, attr) in zip(names, refs, strict=True):
+                t = registered.get(attr)
+                if t is None:
+                    params.append(f"{name} (not registered)")
+                elif isinstance(t, DTensor):
+                    how = (
+                        "sharded over the group" if self._verdict(t) is None else "NOT sharded over the group"
+                    )
+                    params.append(f"{name} {list(t.shape)} {tuple(t.placements)} {how}")
+                else:
+                    params.append(f"{name} {list(t.shape)}")
+            out.append((label, repr(p), tuple(params)))
+        return out
+
+    def _verdict(self, t: Tensor) -> str | None:
+        """None if the local shards of DTensor ``t`` sum to the whole parameter over the ranks the
+        step adds (see the module docstring), else what is wrong with it (for :meth:`_refuse`)."""
+        mesh, placements = t.device_mesh, tuple(t.placements)  # type: ignore[attr-defined]
+        key = (id(mesh), placements)
+        if key not in self._verdicts:
+            self._verdicts[key] = (mesh, _verdict(mesh, placements, self._summed, self._local))
+        return self._verdicts[key][1]
+
+    def _refuse(self, penalty: WeightPenalty, t: Tensor, why: str) -> ValueError:
+        name = next(
+            n
+            for names, refs in zip(self.names, self.refs, strict=True)
+            for n, (registered, attr) in zip(names, refs, strict=True)
+            if registered.get(attr) is t
+        )
+        return ValueError(
+            f"[actreg, {self._who}] weights: {penalty!r} on parameter {name!r}, a DTensor with placements "
+            f"{tuple(t.placements)} on {_mesh_text(t.device_mesh)}: {why}"  # type: ignore[attr-defined]
+        )
 
     @staticmethod
     def _resolve(refs: list[tuple[dict[str, Tensor | None], str]]) -> list[Tensor]:
@@ -138,23 +205,25 @@ class WeightTerms:
         """This rank's contribution to the wire: one sum per penalty (see the module docstring).
 
         ``world`` ranks share the wire (1 when the step does not communicate); ``g`` is the
-        surrogate's gradient factor.
+        surrogate's gradient factor. A ``DTensor`` not sharded over exactly the ranks the step adds
+        (decided by :meth:`describe` at the first ``loss()``, identically on every rank) is a
+        ``ValueError``.
         """
         sums = []
         for p, refs in zip(self.penalties, self.refs, strict=True):
             params = self._resolve(refs)
             plain = [t for t in params if not isinstance(t, DTensor)]
-            shards = [_local_shard(t) for t in params if isinstance(t, DTensor)]
+            shards = []
+            for t in params:
+                if isinstance(t, DTensor):
+                    why = self._verdict(t)
+                    if why is not None:
+                        raise self._refuse(p, t, why)
+                    shards.append(t.to_local())
             total: Tensor | None = None
             if plain:
                 total = _power_sum(plain, p.order, dtype) / world
             if shards:
-                if world == 1 and any(t.device_mesh.size() > 1 for t in params if isinstance(t, DTensor)):
-                    raise ValueError(
-                        "weight penalties on sharded parameters (FSDP2 DTensors) need the step's "
-                        "collective, and this step communicates nothing (sync='local'): use "
-                        "sync='global' or 'ema'"
-                    )
                 s = _power_sum(shards, p.order, dtype, grad_scale=1.0 / g)  # gradient exactly λ f'(p)
                 total = s if total is None else total + s
             sums.append(torch.zeros((), dtype=dtype, device=device) if total is None else total.to(device))
@@ -183,15 +252,65 @@ def _parameter_places(root: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return out
 
 
-def _local_shard(t: Tensor) -> Tensor:
-    placements = t.placements  # type: ignore[attr-defined]
-    if not all(isinstance(pl, Shard) for pl in placements):
-        raise ValueError(
-            f"weight penalties support parameters sharded on every mesh dimension (FSDP2 "
-            f"fully_shard); got placements {placements}: replicated or partial DTensors are not "
-            "supported yet"
+def summed_ranks(group: Any, communicates: bool) -> frozenset[int]:
+    """The global ranks whose weight sums one step adds: those of ``group`` (``None``: the default
+    group) when the step ``communicates``, else this rank alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return frozenset({0})
+    if not communicates:
+        return frozenset({dist.get_rank()})
+    return frozenset(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
+
+
+def _verdict(
+    mesh: Any, placements: tuple[Any, ...], summed: frozenset[int] | None, local: bool
+) -> str | None:
+    """None if a DTensor on ``mesh`` with ``placements`` is sharded over exactly the ``summed`` ranks
+    (its local shards then add up to the whole parameter in the step's sum), else why not.
+
+    The ranks it is sharded over: the sub-mesh through this rank along the mesh dimensions with a
+    ``Shard`` placement (``Replicate`` dimensions hold copies: they must lie outside ``summed``).
+    """
+    if summed is None:  # pragma: no cover - describe() runs in the first loss(), before any block()
+        raise RuntimeError("actreg internal error: weight sums requested before the first-step agreement")
+    if any(not (pl.is_shard() or pl.is_replicate() or _strided(pl)) for pl in placements):
+        return (
+            "a Partial placement holds partial values of the parameter, not its values; weight "
+            "penalties need its values (redistribute it, or use weight decay in the optimizer)"
         )
-    return t.to_local()  # type: ignore[attr-defined]
+    coordinate = mesh.get_coordinate()
+    if coordinate is None:
+        return "this rank is not part of its mesh"
+    index = tuple(
+        slice(None) if pl.is_shard() or _strided(pl) else c
+        for pl, c in zip(placements, coordinate, strict=True)
+    )
+    spread = frozenset(int(r) for r in mesh.mesh[index].flatten().tolist())
+    if spread == summed:
+        return None
+    if local and len(spread) > 1:
+        return (
+            f"its shards lie on global ranks {sorted(spread)}; summing them needs the step's collective, "
+            "and this step communicates nothing (sync='local'): use sync='global' or 'ema'"
+        )
+    return (
+        f"it is sharded over global ranks {sorted(spread)}, but this regularizer sums over global ranks "
+        f"{sorted(summed)} (its process_group), so the penalty would count the local shard once per "
+        "rank of that group and miss the other shards. Give the weight penalty on this parameter a "
+        f"regularizer whose process_group is exactly global ranks {sorted(spread)} (the group of its "
+        "sharded mesh dimensions), or apply it as weight decay in the optimizer"
+    )
+
+
+def _mesh_text(mesh: Any) -> str:
+    """``mesh dims ('dp', 'tp') = (2, 2) over global ranks [[0, 1], [2, 3]]``, for error messages."""
+    names = mesh.mesh_dim_names or tuple(f"dim {i}" for i in range(mesh.ndim))
+    return f"mesh dims {tuple(names)} = {tuple(mesh.mesh.shape)} over global ranks {mesh.mesh.tolist()}"
+
+
+def _strided(placement: Any) -> bool:
+    """FSDP2's ``_StridedShard`` (FSDP2 over tensor parallelism): a shard, not a ``Shard`` subclass."""
+    return type(placement).__name__ == "_StridedShard"
 
 
 def _power_sum(tensors: list[Tensor], order: int, dtype: torch.dtype, grad_scale: float = 1.0) -> Tensor:
@@ -227,4 +346,3 @@ class PowerSum(torch.autograd.Function):
             grads = torch._foreach_sign(tensors)
             torch._foreach_mul_(grads, factor)
         return (None, None, None, *grads)
-
