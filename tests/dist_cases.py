@@ -401,9 +401,9 @@ def hot_path_reads(rank: int, world_size: int, syncs: list[str]) -> dict[str, di
 WIDE = 48  #: features of the wide layer: the Gram (48 x 48) is larger than the rows of all ranks
 
 
-def make_wide_model() -> nn.Sequential:
+def make_wide_model(width: int = WIDE) -> nn.Sequential:
     torch.manual_seed(1)
-    return nn.Sequential(nn.Linear(IN_FEATURES, WIDE), nn.Tanh()).double()
+    return nn.Sequential(nn.Linear(IN_FEATURES, width), nn.Tanh()).double()
 
 
 def wide_batch(step: int) -> torch.Tensor:
@@ -448,3 +448,39 @@ def gram_rows(rank: int, world_size: int, sync: str, steps: int = 3, grow: bool 
         opt.step()
     return out
 
+
+def wide_kernel(rank: int, world_size: int, width: int, steps: int = 3) -> dict[str, Any]:
+    """DeCov + Covariance (global) on a ``width``-wide layer with few rows: rows from the first step.
+
+    Rank 0 records its shard in two calls per step (the first step's rows then grow across calls);
+    the last rank masks its first position in step 0 (the first step's rows are moved to the
+    common shift: a masked row must stay 0). Gradients are averaged by hand (two forwards per
+    step). Returns per step the loss, the gradients and the largest number of elements of any
+    operand of any op of the step (forward, ``loss()``, backward), recorded by the profiler.
+    """
+    model = make_wide_model(width)
+    reg = actreg.ActivityRegularizer(model, {"1": [actreg.DeCov(weight=9.0), actreg.Covariance(weight=7.0)]})
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    start, stop = shard_bounds(rank, world_size)
+    out: dict[str, Any] = {"loss": [], "grads": [], "largest": [], "rows": None}
+    for step in range(steps):
+        x = wide_batch(step)[start:stop]
+        opt.zero_grad()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            parts = [x[:2], x[2:]] if rank == 0 else [x]
+            mask = None
+            if step == 0 and rank == world_size - 1:
+                mask = torch.arange(len(x)) > 0
+            with reg.mask(mask):
+                ys = [model(p) for p in parts]
+            loss = reg.loss()
+            (loss + 0.0 * sum(y.sum() for y in ys)).backward()
+        _average_gradients(model, world_size)
+        shapes = [s for e in prof.events() for s in (e.input_shapes or []) if s and isinstance(s[0], int)]
+        out["largest"].append(max(int(np.prod(s)) for s in shapes))
+        out["loss"].append(loss.item())
+        out["grads"].append(_grads(model))
+        opt.step()
+    reg.check()
+    out["rows"] = dict(reg.layout.rows)
+    return out

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .errors import LayoutMismatchError
-from .exchange import Exchange
+from .exchange import Exchange, prepare_rows
 from .layout import Layout, describe_differences
 from .weights import summed_ranks
 
@@ -55,13 +55,18 @@ def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
         reg.recorder.dtype = agreement.dtype
         reg.shifts.first = agreement.first_shifts
         reg._agreed = True
-        reg._next_rows = agreement.rows  # from the next step on: this step was recorded with Grams
+        if reg.mode.moving_average:  # the average is d x d: this step sends the Gram, later ones rows
+            reg._next_rows = agreement.rows
+        else:  # rows already in this step (recorded as such, see Layout.open_rows), kept as a kernel
+            layout.rows = dict(agreement.rows)
+            layout.kernels = {i: ex.world_size * capacity for i, capacity in agreement.rows.items()}
     elif communicate and not layout.complete:
         resolve_dims(ex, layout, reg.recorder.seen, reg._dtype_device(ex)[1])
     if not communicate:
         for index, d in reg.recorder.seen.items():
             layout.set_dim(index, d)
     layout.build()
+    prepare_rows(records.blocks, layout, reg.shifts)  # (rows recorded before the size was agreed)
     return ex, communicate
 
 

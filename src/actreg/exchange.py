@@ -24,6 +24,7 @@ from .layout import HEADER, Layout
 
 if TYPE_CHECKING:
     from .recording import Records
+    from .shifts import Shifts
 
 
 class Exchange:
@@ -103,12 +104,18 @@ class Exchange:
 
 @dataclass(frozen=True)
 class Rows:
-    """A slot whose Gram matrix travels as rows: its block holds ``capacity`` rows of ``d``
-    centred features at ``offset`` instead of the ``d * d`` Gram."""
+    """A slot whose Gram matrix travels as rows: its recorded block holds ``capacity`` rows of ``d``
+    centred features at ``offset``, then ``capacity`` markers, instead of the ``d * d`` Gram.
+
+    ``kernel``: the reduced statistics keep ``R R^T`` of the ``W * capacity`` gathered rows ``R``
+    and ``diag(R^T R)`` (``global`` mode: ``O(n^2 d)`` time, no ``d x d`` tensor); else the Gram
+    ``R^T R`` is formed after the collective (``ema`` mode, whose moving average is ``d x d``).
+    """
 
     offset: int
     capacity: int
     d: int
+    kernel: bool = False
 
 
 def rows_plan(layout: Layout) -> list[Rows | None] | None:
@@ -118,11 +125,11 @@ def rows_plan(layout: Layout) -> list[Rows | None] | None:
     plan: list[Rows | None] = []
     for index in range(len(layout.slots)):
         d, capacity = layout.dims[index], layout.rows.get(index, 0)
-        if d is None or not capacity:
+        if d is None or index not in layout.rows:
             plan.append(None)
             continue
         spec = layout.record_spec(index, d)
-        plan.append(Rows(spec.offsets["couter"], capacity, d))
+        plan.append(Rows(spec.offsets["couter"], capacity, d, index in layout.kernels))
     return plan
 
 
@@ -134,11 +141,20 @@ class Exchanged(torch.autograd.Function):
     for each block, handed out by one ``split`` -- no slicing of a differentiable buffer field by
     field, no collective.
 
-    Gram matrices at large ``d``: when a slot's ``W * rows * d`` is smaller than its ``d * d`` Gram
-    (``plan``), each rank writes its centred rows into its own region of a ``W * rows * d`` area of
-    the same buffer (zeros elsewhere), so the one ``all_reduce`` gathers every rank's rows; every
-    rank then forms the global Gram ``R^T R`` itself. The gradient of a rank's own Gram
-    ``R_w^T R_w`` is ``R_w (G + G^T)``, computed here from the gathered rows: exact either way.
+    Gram matrices at large ``d`` (``plan``: when a slot's ``W * rows * d`` is smaller than its
+    ``d * d`` Gram): each rank writes its centred rows into its own region of a ``W * rows * d``
+    area of the same buffer (zeros elsewhere; the markers stay home), so the one ``all_reduce``
+    gathers every rank's rows ``R`` (``n = W * rows`` of them, zero rows for padding and masked
+    positions, which add nothing). Then, per slot:
+
+    - ``kernel`` (``global``): the statistics keep ``K = R R^T`` (``n x n``) and ``q = diag(R^T R)``
+      (``d``): ``O(n^2 d)`` time and ``O(n d + n^2)`` memory. With ``G_K``, ``g_q`` their
+      gradients, a rank's own rows ``R_w`` get ``(G_K + G_K^T)[w] R + 2 R_w diag(g_q)``.
+    - else (``ema``): every rank forms the global Gram ``R^T R`` itself; the gradient of a rank's
+      own Gram ``R_w^T R_w`` is ``R_w (G + G^T)`` = ``2 R_w G`` (``G`` is symmetric for the
+      built-in penalties).
+
+    Exact either way: backward computes each rank's share from the gathered rows, with no collective.
     """
 
     @staticmethod
@@ -162,8 +178,9 @@ class Exchanged(torch.autograd.Function):
         wire = torch.cat([header, *_spread(blocks, plan, world, rank)])
         if communicate:
             exchange.sum_(wire)
-        stats, own = _gram_from_rows(wire, header.numel(), blocks, plan, world, rank)
-        ctx.save_for_backward(*own)
+        stats, saved = _from_rows(wire, header.numel(), blocks, plan, world, rank)
+        ctx.save_for_backward(*saved)
+        ctx.world, ctx.rank = world, rank
         return stats
 
     @staticmethod
@@ -172,65 +189,136 @@ class Exchanged(torch.autograd.Function):
             grad = grad * ctx.g
         if ctx.plan is None:
             return (None, None, None, None, None, *grad.split([ctx.header, *ctx.sizes])[1:])
-        own = list(ctx.saved_tensors)
+        saved = list(ctx.saved_tensors)
         grads, at = [], ctx.header
         for size, rows in zip(ctx.sizes, ctx.plan, strict=True):
             if rows is None:
                 grads.append(grad.narrow(0, at, size))
                 at += size
                 continue
-            d, tail = rows.d, size - rows.offset - rows.capacity * rows.d
-            gram = grad.narrow(0, at + rows.offset, d * d).view(d, d)
-            r = own.pop(0)
+            d, cap = rows.d, rows.capacity
+            tail = size - rows.offset - cap * (d + 1)
+            r = saved.pop(0)
+            if rows.kernel:  # r: the gathered rows R (n x d)
+                n = r.shape[0]
+                g_k = grad.narrow(0, at + rows.offset, n * n).view(n, n)
+                g_q = grad.narrow(0, at + rows.offset + n * n, d)
+                mine = slice(ctx.rank * cap, (ctx.rank + 1) * cap)
+                own = r[mine]
+                g_rows = torch.addcmul((g_k[mine] + g_k[:, mine].mT) @ r, own, g_q, value=2.0)
+                area = n * n + d
+            else:  # r: this rank's own rows (cap x d)
+                gram = grad.narrow(0, at + rows.offset, d * d).view(d, d)
+                g_rows = (r @ gram).mul_(2)  # G symmetric: see statistics._centred_grad
+                area = d * d
             grads.append(
                 torch.cat(
                     [
                         grad.narrow(0, at, rows.offset),
-                        (r @ gram).mul_(2).reshape(-1),  # G symmetric: see statistics._centred_grad
-                        grad.narrow(0, at + rows.offset + d * d, tail),
+                        g_rows.reshape(-1),
+                        grad.new_zeros(cap),  # the markers: constants
+                        grad.narrow(0, at + rows.offset + area, tail),
                     ]
                 )
             )
-            at += rows.offset + d * d + tail
+            at += rows.offset + area + tail
         return (None, None, None, None, None, *grads)
 
 
 def _spread(blocks: tuple[Tensor, ...], plan: list[Rows | None], world: int, rank: int) -> list[Tensor]:
-    """The blocks as sent: each rank's rows in its own region of a ``world``-times larger area."""
+    """The blocks as sent: each rank's rows in its own region of a ``world``-times larger area
+    (the markers are not sent)."""
     pieces: list[Tensor] = []
     for block, rows in zip(blocks, plan, strict=True):
         if rows is None:
             pieces.append(block)
             continue
         area = rows.capacity * rows.d
+        tail = rows.offset + area + rows.capacity
         pieces.append(block.narrow(0, 0, rows.offset))
         pieces.append(block.new_zeros(rank * area))
         pieces.append(block.narrow(0, rows.offset, area))
         pieces.append(block.new_zeros((world - 1 - rank) * area))
-        pieces.append(block.narrow(0, rows.offset + area, block.numel() - rows.offset - area))
+        pieces.append(block.narrow(0, tail, block.numel() - tail))
     return pieces
 
 
-def _gram_from_rows(
+def _from_rows(
     wire: Tensor, head: int, blocks: tuple[Tensor, ...], plan: list[Rows | None], world: int, rank: int
 ) -> tuple[Tensor, list[Tensor]]:
-    """The reduced statistics with every gathered row area replaced by its Gram matrix, and each
-    such slot's own rows (for the backward)."""
-    out, own, at = [wire.narrow(0, 0, head)], [], head
+    """The reduced statistics with every gathered row area replaced by the kernel and column sums
+    of squares of its rows (``kernel``) or by their Gram matrix; and per such slot what the
+    backward needs: all the gathered rows (``kernel``) or this rank's own."""
+    out, saved, at = [wire.narrow(0, 0, head)], [], head
     for block, rows in zip(blocks, plan, strict=True):
         if rows is None:
             out.append(wire.narrow(0, at, block.numel()))
             at += block.numel()
             continue
         area = rows.capacity * rows.d
-        tail = block.numel() - rows.offset - area
+        tail = block.numel() - rows.offset - area - rows.capacity
         out.append(wire.narrow(0, at, rows.offset))
         gathered = wire.narrow(0, at + rows.offset, world * area).view(world * rows.capacity, rows.d)
-        out.append((gathered.mT @ gathered).reshape(-1))
-        own.append(gathered.narrow(0, rank * rows.capacity, rows.capacity).clone())  # not the whole buffer
+        if rows.kernel:
+            r = gathered.clone()  # (not a view that keeps the whole buffer)
+            out.append((r @ r.mT).reshape(-1))
+            out.append(r.square().sum(0))
+            saved.append(r)
+        else:
+            out.append((gathered.mT @ gathered).reshape(-1))
+            saved.append(gathered.narrow(0, rank * rows.capacity, rows.capacity).clone())
         out.append(wire.narrow(0, at + rows.offset + world * area, tail))
         at += rows.offset + world * area + tail
-    return torch.cat(out), own
+    return torch.cat(out), saved
+
+
+def prepare_rows(blocks: dict[int, Tensor], layout: Layout, shifts: Shifts) -> None:
+    """Before the step's shifts are made common (``Shifts.common``): bring every recorded block
+    that holds rows to the form the layout now expects (in place in ``blocks``).
+
+    - Rows recorded before the slot's size was agreed (:meth:`Layout.open_rows`) become the Gram
+      ``R^T R`` (around the rank's own shift, which ``Shifts.common`` then moves like any Gram) when
+      the slot does not exchange rows, else are zero-padded to the agreed capacity.
+    - Rows of a slot that exchanges rows are moved to the step's common shift when they were
+      recorded around another (the slot's first step): ``R' = R - m delta^T``, ``m`` the markers
+      (masked positions stay 0), ``delta`` = common shift - own shift. ``Shifts.common`` moves the
+      block's sums; in the ``"kernel"`` form the rows are not part of what it moves (see
+      :meth:`Layout.activity`). Linear in the block: differentiable.
+
+    Costs nothing in a step without such blocks (a dictionary look-up per slot that has rows).
+    """
+    own = shifts.local_shifts()
+    for index, block in list(blocks.items()):
+        d, slot = layout.dims[index], layout.slots[index]
+        if d is None or not slot.gram:
+            continue
+        mine, target = own.get(index), shifts.current.get(index, shifts.first.get(index))
+        moves = index in layout.rows and mine is not None and target is not None and mine is not target
+        if not moves and block.numel() == layout.record_size(index):
+            continue  # (every later step)
+        have = layout.rows_in(index, d, block.numel())
+        if have is None:
+            continue  # a Gram, as expected
+        if index not in layout.rows:
+            blocks[index] = layout.as_gram(index, d, block)
+            continue
+        capacity = layout.rows[index]
+        if have > capacity:  # (cannot happen: the capacity is the first step's largest count)
+            raise ValueError(
+                f"{have} rows recorded for {slot.name!r}, more than its rows capacity {capacity}"
+            )
+        block = layout.with_rows(index, d, block, capacity)
+        if moves:
+            assert mine is not None and target is not None
+            delta = (target.to(mine) - mine).detach().to(block.dtype)
+            at = layout.record_spec(index, d).offsets["couter"]
+            rows = block.narrow(0, at, capacity * d).view(capacity, d)
+            marks = block.narrow(0, at + capacity * d, capacity)
+            moved = rows - marks.unsqueeze(-1) * delta
+            rest = block.numel() - at - capacity * d
+            keep = block.narrow(0, at + capacity * d, rest)  # the markers and what follows
+            block = torch.cat([block.narrow(0, 0, at), moved.reshape(-1), keep])
+        blocks[index] = block
 
 
 class Packer:
@@ -249,7 +337,11 @@ class Packer:
 
     def rows_plan(self) -> list[Rows | None] | None:
         """Where rows travel instead of Gram matrices (see :class:`Exchanged`); None: nowhere."""
-        key = (self.layout.version, tuple(sorted(self.layout.rows.items())))
+        key = (
+            self.layout.version,
+            tuple(sorted(self.layout.rows.items())),
+            tuple(sorted(self.layout.kernels.items())),
+        )
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, rows_plan(self.layout))
         return self._plan[1]

@@ -15,6 +15,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from .penalty import Penalty
 from .statistics import ELEMENTS, BlockSpec
 
@@ -22,6 +25,9 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 #: the step buffer starts with a header: [NaN if this rank failed to record else 0, failed ranks,
 #: failing rank, failing slot] -- summed like the statistics, so every rank learns of a failure
 HEADER = 4
+#: statistics a Gram penalty sees in place of ``outer`` when its slot's rows were gathered
+#: (``"kernel"`` form): ``R R^T`` of the gathered centred rows ``R`` and ``diag(R^T R)``
+KERNEL, DIAGONAL = "kernel", "diagonal"
 
 
 @dataclass
@@ -40,13 +46,16 @@ class Slot:
         self.own = [
             (label, p) for label, p in zip(self.labels, self.penalties, strict=True) if not p._primitives
         ]
+        #: whether some penalty needs the Gram matrix of the centred rows (``DeCov``, ``Covariance``)
+        self.gram = any("couter" in p._primitives.values() for p in self.penalties)
 
     def describe(self) -> tuple[str, bool, tuple[str, ...]]:
         # memory addresses (a function stored in a custom penalty) differ between processes
         return (self.name, self.from_module, tuple(_ADDRESS.sub("", repr(p)) for p in self.penalties))
 
-    def spec(self, d: int, threshold: float, rows: int = 0) -> BlockSpec:
-        """The fused primitives this slot records for ``d`` features."""
+    def spec(self, d: int, threshold: float, form: str = "gram", rows: int = 0, kernel: int = 0) -> BlockSpec:
+        """The fused primitives this slot records for ``d`` features; ``form``, ``rows``, ``kernel``:
+        what its Gram matrix area holds, if it has one (see :class:`BlockSpec`)."""
         wanted: set[str] = set()
         differentiated: set[str] = set()
         for p in self.penalties:
@@ -58,7 +67,9 @@ class Slot:
         if (wanted & {"csq", "couter"} or custom_centred) and "csum" not in wanted:
             wanted.add("csum")  # the slot's shift is its global mean: needs the centred sum
         optional = frozenset(wanted - {"count", "abs_sum", "sq_sum"})
-        return BlockSpec(d, optional, frozenset(differentiated), threshold, rows if "couter" in wanted else 0)
+        if "couter" not in wanted:
+            form, rows, kernel = "gram", 0, 0
+        return BlockSpec(d, optional, frozenset(differentiated), threshold, form, rows, kernel)
 
 
 def unique_labels(penalties: Sequence[Penalty]) -> tuple[str, ...]:
@@ -94,12 +105,15 @@ class Layout:
         self.dims: list[int | None] = [None] * len(self.slots)
         #: slots whose Gram matrix is exchanged as rows: slot index -> rows per rank (see `exchange`)
         self.rows: dict[int, int] = {}
+        #: slots of ``rows`` whose reduced statistics keep the ``N x N`` kernel of the ``N`` gathered
+        #: rows instead of forming the ``d x d`` Gram (``global`` mode): slot index -> ``N``
+        self.kernels: dict[int, int] = {}
         self.specs: list[BlockSpec | None] = []
         self.offsets: list[int] = []  #: start of each slot's block
         self.block_sizes: list[int] = []
         self.size = 0
         self.version = 0  #: changes whenever offsets change
-        self._built_for: tuple[int | None, ...] | None = None
+        self._built_for: tuple[object, ...] | None = None
         self.build()
 
     def describe(self) -> list[tuple[str, bool, tuple[str, ...]]]:
@@ -118,24 +132,95 @@ class Layout:
         Returns whether anything changed.
         """
         dims = tuple(self.dims)
-        if dims == self._built_for:
+        key = (*dims, tuple(sorted(self.kernels.items())))
+        if key == self._built_for:
             return False
         self.specs, self.offsets, self.block_sizes = [], [], []
         offset = HEADER
-        for slot, d in zip(self.slots, dims, strict=True):
-            spec = None if d is None else slot.spec(d, self.threshold)
+        for index, (slot, d) in enumerate(zip(self.slots, dims, strict=True)):
+            kernel = self.kernels.get(index, 0)
+            form = "kernel" if kernel else "gram"
+            spec = None if d is None else slot.spec(d, self.threshold, form, 0, kernel)
             size = 0 if spec is None or d is None else spec.size + self._own_size(slot, d)
             self.specs.append(spec)
             self.offsets.append(offset)
             self.block_sizes.append(size)
             offset += size
-        self.size, self._built_for = offset, dims
+        self.size, self._built_for = offset, key
         self.version += 1
         return True
 
-    def record_spec(self, index: int, d: int) -> BlockSpec:
-        """What a recording of slot ``index`` computes (rows in place of the Gram in rows mode)."""
-        return self.slots[index].spec(d, self.threshold, self.rows.get(index, 0))
+    def record_spec(self, index: int, d: int, opened: int | None = None) -> BlockSpec:
+        """What a recording of slot ``index`` computes: rows in place of the Gram in rows mode, or
+        ``opened`` rows (see :meth:`open_rows`)."""
+        rows = self.rows.get(index, 0) if opened is None else opened
+        form = "rows" if opened is not None or index in self.rows else "gram"
+        return self.slots[index].spec(d, self.threshold, form, rows)
+
+    def open_rows(self, index: int, d: int, positions: int) -> int | None:
+        """Rows capacity of a recording of slot ``index`` before its size is agreed, else None.
+
+        Until then it is not known whether the slot's Gram matrix will travel as rows (that needs
+        every rank's number of positions, see ``agreement``), so a recording with fewer
+        ``positions`` in this step than ``d`` keeps its centred rows and their markers (``positions *
+        (d + 1)`` values, fewer than the Gram's ``d * d``): the first ``loss()`` turns them into the
+        agreed form (:func:`actreg.exchange.prepare_rows`). None: record the Gram (or no Gram).
+        """
+        if self.dims[index] is not None or not self.slots[index].gram or positions >= d:
+            return None
+        return positions
+
+    def rows_in(self, index: int, d: int, size: int) -> int | None:
+        """Rows held by a block of ``size`` values recorded for slot ``index`` with ``d`` features
+        in the ``"rows"`` form; None when its size is that of the ``"gram"`` form."""
+        gram = self.slots[index].spec(d, self.threshold)
+        area = size - gram.size - self._own_size(self.slots[index], d) + d * d
+        if area == d * d:
+            return None
+        rows, rest = divmod(area, d + 1)
+        assert rest == 0 and rows >= 0, (index, d, size)
+        return rows
+
+    def accumulate(self, index: int, d: int, total: Tensor, block: Tensor) -> Tensor:
+        """``total + block``: two recordings of slot ``index`` in one step. Before the slot's size
+        is agreed they may hold different numbers of rows (the later one more: rows are placed at
+        the positions recorded so far), or one of them the Gram; the sum takes the larger form."""
+        if total.numel() == block.numel():
+            return total + block
+        have, more = self.rows_in(index, d, total.numel()), self.rows_in(index, d, block.numel())
+        if more is None:  # the step's positions reached d: the Gram from here on
+            return self.as_gram(index, d, total) + block
+        assert have is not None and have <= more, (have, more)
+        return self.with_rows(index, d, total, more) + block
+
+    def as_gram(self, index: int, d: int, block: Tensor) -> Tensor:
+        """A ``"rows"`` block of slot ``index`` with its rows replaced by their Gram ``R^T R``."""
+        rows = self.rows_in(index, d, block.numel())
+        if rows is None:
+            return block
+        at = self.slots[index].spec(d, self.threshold).offsets["couter"]
+        r = block.narrow(0, at, rows * d).view(rows, d)
+        tail = block.numel() - at - rows * (d + 1)
+        pieces = [block.narrow(0, 0, at), (r.mT @ r).reshape(-1), block.narrow(0, block.numel() - tail, tail)]
+        return torch.cat(pieces)
+
+    def with_rows(self, index: int, d: int, block: Tensor, capacity: int) -> Tensor:
+        """A ``"rows"`` block of slot ``index`` zero-padded to ``capacity`` rows (and markers)."""
+        rows = self.rows_in(index, d, block.numel())
+        assert rows is not None and rows <= capacity, (rows, capacity)
+        if rows == capacity:
+            return block
+        at = self.slots[index].spec(d, self.threshold).offsets["couter"]
+        tail = block.numel() - at - rows * (d + 1)
+        more = capacity - rows
+        pieces = [
+            block.narrow(0, 0, at + rows * d),
+            block.new_zeros(more * d),
+            block.narrow(0, at + rows * d, rows),
+            block.new_zeros(more),
+            block.narrow(0, block.numel() - tail, tail),
+        ]
+        return torch.cat(pieces)
 
     def record_size(self, index: int) -> int:
         """Size of the block a rank records for slot ``index`` (0 while its size is unknown)."""
@@ -162,6 +247,11 @@ class Layout:
             for stat, prim in p._primitives.items():
                 if prim == ELEMENTS:
                     out[stat] = Where(base + spec.offsets["count"], (), float(d))
+                elif prim == "couter" and spec.form == "kernel":
+                    # the Gram of the gathered rows R, given as R R^T and diag(R^T R) (moments.py)
+                    n, at = spec.kernel, base + spec.offsets["couter"]
+                    out[KERNEL] = Where(at, (n, n))
+                    out[DIAGONAL] = Where(at + n * n, (d,))
                 else:
                     out[stat] = Where(base + spec.offsets[prim], tuple(shapes[stat]))
             return out
@@ -176,11 +266,20 @@ class Layout:
         raise KeyError(label)
 
     def activity(self, index: int) -> dict[str, Where]:
-        """Places of the slot's activity statistics (count, abs_sum, sq_sum, active, csum?)."""
+        """Places of the slot's fused primitives (count, abs_sum, sq_sum, active, csum?, ...).
+
+        Without ``couter`` in the ``"kernel"`` form: the gathered rows' kernel cannot be moved to
+        another shift as a sum can, and the rows of a recorded block are moved before the
+        exchange (:func:`actreg.exchange.prepare_rows`).
+        """
         spec, d = self.specs[index], self.dims[index]
         assert spec is not None and d is not None
         base = self.offsets[index]
-        return {name: Where(base + off, spec.shape(name)) for name, off in spec.offsets.items()}
+        return {
+            name: Where(base + off, spec.shape(name))
+            for name, off in spec.offsets.items()
+            if not (name == "couter" and spec.form == "kernel")
+        }
 
 
 def describe_differences(descriptions: Sequence[object], what: str = "layout") -> str:

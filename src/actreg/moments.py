@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .layout import DIAGONAL, KERNEL
 from .penalty import BATCH_COUNT, Penalty, Shapes, Stats, _per_unit, count_of, nonzero, real_parameter
 
 
@@ -51,8 +52,53 @@ class OffDiagonalEnergy(torch.autograd.Function):
         return g_outer, g_sum, None
 
 
+class KernelOffDiagonalEnergy(torch.autograd.Function):
+    """``sum_{i != j} C_ij^2`` of ``C = R^T R / n - m m^T`` from the gathered centred rows ``R``
+    (``N x d``, zero rows allowed) without any ``d x d`` matrix: from ``K = R R^T`` (``N x N``),
+    ``q = diag(R^T R)`` (``d``), ``s = R^T 1`` (the centred sum, ``d``) and the count ``n``.
+
+    With ``m = s / n``, ``u = K 1 = R s`` and ``c = diag C = q / n - m^2``:
+
+        ||C||_F^2 = ||K||_F^2 / n^2 - 2 ||u||^2 / n^3 + (s . s)^2 / n^4
+        energy    = ||C||_F^2 - ||c||^2
+
+    (``||R^T R||_F = ||R R^T||_F`` and ``R m = u / n``.) ``O(N^2 d)`` with the kernel's product,
+    ``O(N^2 + d)`` here. Batched over leading dimensions; ``n = 0`` gives 0. Closed-form backward
+    (``n`` gets no gradient): ``d/dK = 2 K / n^2 - 4 u 1^T / n^3``,
+    ``d/ds = 4 (s . s) s / n^4 + 4 c s / n^2``, ``d/dq = -2 c / n``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, kernel: Tensor, diagonal: Tensor, total: Tensor, count: Tensor) -> Tensor:  # type: ignore[override]
+        n = nonzero(count)
+        u = kernel.sum(-1)
+        ss = torch.linalg.vecdot(total, total)
+        nu = _per_unit(n)
+        c = diagonal / nu - (total / nu).square()
+        frobenius = (
+            kernel.flatten(-2).square().sum(-1) / n.square()
+            - 2 * torch.linalg.vecdot(u, u) / n.pow(3)
+            + ss.square() / n.pow(4)
+        )
+        ctx.save_for_backward(kernel, total, u, ss, c, n)
+        return frobenius - torch.linalg.vecdot(c, c)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+        kernel, total, u, ss, c, n = ctx.saved_tensors
+        g = grad / n.square()  # g / n^2
+        gn = _per_unit(g)
+        g_kernel = kernel * (2 * g)[..., None, None] - (u * (4 * gn / _per_unit(n))).unsqueeze(-1)
+        g_total = total * (4 * _per_unit(g * ss / n.square()) + 4 * c * gn)
+        g_diagonal = -2 * c * _per_unit(grad / n)
+        return g_kernel, g_diagonal, g_total, None
+
+
 def _off_diagonal_energy(stats: Stats) -> Tensor:
-    """``sum_{i != j} C_ij^2`` of the biased covariance of ``stats`` (sum, outer, count)."""
+    """``sum_{i != j} C_ij^2`` of the biased covariance of ``stats``: (sum, outer, count), or, for a
+    slot whose rows were gathered, (sum, kernel, diagonal, count) -- see ``layout.KERNEL``."""
+    if KERNEL in stats:
+        return KernelOffDiagonalEnergy.apply(stats[KERNEL], stats[DIAGONAL], stats["sum"], stats["count"])
     return OffDiagonalEnergy.apply(stats["outer"], stats["sum"], stats["count"])
 
 

@@ -51,7 +51,7 @@ class Recorder:
         self._records = Records()
         self._masks: list[tuple[Tensor | None, frozenset[str]]] = []  #: mask, names of the slots it masks
         self._matched = {"*": frozenset(s.name for s in layout.slots)}  #: reg.mask(modules=) -> names
-        self._specs: dict[tuple[int, int, int], BlockSpec] = {}
+        self._specs: dict[tuple[int, int, int, int | None], BlockSpec] = {}
         self._warned: set[int] = set()
         self._checked: set[tuple[int, int]] = set()
         guard_hooks(reset=True)  # a graph compiled before these hooks existed must not be reused
@@ -157,7 +157,10 @@ class Recorder:
         if self.device is None:
             self.device = x.device
         blocks = self._records.blocks
-        blocks[index] = block if index not in blocks else blocks[index] + block
+        # (before the slot's size is agreed, two recordings may hold different numbers of rows)
+        if index in blocks:
+            block = self.layout.accumulate(index, x.shape[-1], blocks[index], block)
+        blocks[index] = block
 
     def _acc(self, x: Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None else torch.promote_types(x.dtype, torch.float32)
@@ -165,9 +168,10 @@ class Recorder:
     def _block(self, index: int, x: Tensor, keep: Tensor | None, shift: Tensor | None, row: int) -> Tensor:
         d = x.shape[-1]
         capacity = self.layout.rows.get(index, 0)
-        spec = self._specs.get((index, d, capacity))
+        opened = self.layout.open_rows(index, d, row + x.numel() // d)  # (first step: rows, not the Gram)
+        spec = self._specs.get((index, d, capacity, opened))
         if spec is None:
-            spec = self._specs[(index, d, capacity)] = self.layout.record_spec(index, d)
+            spec = self._specs[(index, d, capacity, opened)] = self.layout.record_spec(index, d, opened)
         if capacity and row + x.numel() // d > capacity:
             raise ValueError(
                 f"{row + x.numel() // d} positions in this step exceed the {capacity} rows per rank that "

@@ -46,9 +46,16 @@ class BlockSpec:
     wanted: frozenset[str]  #: optional primitives present: sum, csum, csq, couter
     differentiated: frozenset[str]  #: primitives some penalty takes a gradient through
     threshold: float
-    #: > 0: the block holds the centred rows (``rows`` of them, zero-padded) in place of the Gram
-    #: matrix ``couter``; the exchange sends rows and forms the Gram after the collective
-    rows: int = 0
+    #: what the ``couter`` area holds (when a penalty wants the Gram matrix ``sum (x-c)(x-c)^T``):
+    #: ``"gram"`` -- the ``d x d`` Gram matrix; ``"rows"`` (a recorded block when rows travel
+    #: instead, see ``exchange``) -- ``rows`` centred rows (``rows * d`` values, zero-padded; masked
+    #: positions are 0) followed by ``rows`` markers (1 for a kept position, else 0: what moves a
+    #: row to another shift); ``"kernel"`` (the reduced statistics of a slot whose rows were
+    #: gathered, ``global`` mode) -- the ``kernel x kernel`` matrix ``R R^T`` of the ``kernel``
+    #: gathered rows ``R``, then the ``d`` column sums of squares ``diag(R^T R)``
+    form: str = "gram"
+    rows: int = 0  #: rows of the ``"rows"`` form (this rank's capacity)
+    kernel: int = 0  #: gathered rows of the ``"kernel"`` form (``W`` times the capacity)
 
     def __post_init__(self) -> None:
         # plain attributes, computed once: (functools.cached_property takes a lock on Python 3.11,
@@ -67,7 +74,11 @@ class BlockSpec:
         if name in HEAD:
             return ()
         if name == "couter":
-            return (self.rows * self.d,) if self.rows else (self.d, self.d)
+            if self.form == "rows":
+                return (self.rows * (self.d + 1),)
+            if self.form == "kernel":
+                return (self.kernel * self.kernel + self.d,)
+            return (self.d, self.d)
         return (self.d,)
 
     def _present(self) -> tuple[str, ...]:
@@ -149,12 +160,16 @@ class FusedStatistics(torch.autograd.Function):
                 pieces.append(xc.sum(lead))
             if "csq" in wanted:
                 pieces.append(xc.square().sum(lead))
-            if "couter" in wanted and spec.rows:
+            if "couter" in wanted and spec.form == "rows":  # rows ``row_offset...``, then markers
                 flat = xc.reshape(-1)
-                before = row_offset * spec.d
-                pieces.append(
-                    torch.nn.functional.pad(flat, (before, spec.rows * spec.d - before - flat.numel()))
-                )
+                before, n = row_offset * spec.d, flat.numel() // max(spec.d, 1)
+                pad = torch.nn.functional.pad
+                pieces.append(pad(flat, (before, spec.rows * spec.d - before - flat.numel())))
+                if keep is None:
+                    marks = torch.ones(n, dtype=acc, device=x.device)
+                else:
+                    marks = keep.reshape(-1).to(acc)
+                pieces.append(pad(marks, (row_offset, spec.rows - row_offset - n)))
             elif "couter" in wanted:  # the Gram goes straight into the block: no copy of d x d
                 rows = xc.reshape(-1, spec.d)
                 block = rows.new_empty(spec.size)
@@ -225,7 +240,7 @@ def _centred_grad(
     if "csq" in diff:
         term = xc * (2 * grad[at["csq"] : at["csq"] + d])
         gx = term if gx is None else gx + term
-    if "couter" in diff and spec.rows:  # the exchange already turned the Gram's gradient into the rows'
+    if "couter" in diff and spec.form == "rows":  # the exchange turned the Gram's gradient into the rows'
         start = at["couter"] + row_offset * d
         term = grad[start : start + xc.numel()].view(xc.shape)
         gx = term if gx is None else gx + term

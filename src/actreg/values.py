@@ -59,7 +59,7 @@ def build_groups(layout: Layout) -> list[Group]:
         if d is None:
             continue
         for label, p in zip(slot.labels, slot.penalties, strict=True):
-            key = _key(p, d, index, label)
+            key = (*_key(p, d, index, label), layout.kernels.get(index, 0))  # (a kernel's size too)
             where = layout.where(index, label)
             if key not in groups:
                 stats = [(name, w.shape, w.scale) for name, w in where.items()]
