@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -209,6 +210,64 @@ def test_dynamo_loaded_after_the_regularizer_guards_from_the_next_step(
     assert actreg.compiling.hooks_guarded() and not torch._dynamo.config.skip_nnmodule_hook_guards
     values = [train_step(run, model, reg, step) for step in range(1, 3)]
     assert values[0] != values[1] and min(values) > 0
+    reg.remove()
+
+
+def test_building_a_regularizer_leaves_other_compiled_code_and_callbacks_alone(fresh_dynamo: None) -> None:
+    """Graphs compiled before the regularizer existed are refused for its modules only. Everything
+    else compiled in the process -- a function, the unregularized copy of the same architecture --
+    keeps its graph (its backend is not called again), and a callback registered with
+    ``torch._dynamo.callback`` stays registered and sees the regularized model's new compilation.
+    (It used to reset dynamo: everything recompiled, and the callbacks were dropped.)"""
+    compiles: Counter[str] = Counter()
+    starts: list[object] = []
+
+    def counting(name: str) -> Callable[..., Callable[..., object]]:
+        def backend(gm: torch.fx.GraphModule, example_inputs: list[Tensor]) -> Callable[..., object]:
+            compiles[name] += 1
+            return gm.forward
+
+        return backend
+
+    def on_start(args: object) -> None:
+        starts.append(args)
+
+    torch._dynamo.callback.on_compile_start(on_start)  # (fresh_dynamo's reset removes it)
+    x = batch(0)[0]
+    function = torch.compile(lambda t: torch.sin(t) * 2, backend=counting("function"))
+    copy, model = make_model(), make_model()  # copy: same architecture, not regularized
+    run_copy = torch.compile(copy, backend=counting("copy"))
+    run = torch.compile(model, backend=counting("model"))
+    expected = {"function": function(x), "copy": run_copy(x).detach()}
+    run(x)
+    assert compiles == {"function": 1, "copy": 1, "model": 1} and len(starts) == 3, (compiles, starts)
+    reg = make_regularizer(model)
+    values = [train_step(run, model, reg, step) for step in range(2)]  # checked against float64
+    assert min(values) > 0 and values[0] != values[1]
+    assert compiles["model"] > 1 and len(starts) == 2 + compiles["model"]  # recompiled, seen
+    torch.testing.assert_close(function(x), expected["function"], rtol=0, atol=0)
+    torch.testing.assert_close(run_copy(x), expected["copy"], rtol=0, atol=0)
+    assert (compiles["function"], compiles["copy"]) == (1, 1), compiles  # not compiled again
+    assert reg.metrics()["1/count"] == int(batch(1)[1].sum())
+    reg.remove()
+
+
+def test_without_a_readable_dynamo_cache_the_regularizer_resets_dynamo(
+    fresh_dynamo: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fallback for a torch whose compile cache cannot be guarded graph by graph: dynamo's reset
+    (every graph compiled again), so that no graph without the hooks runs a regularized module."""
+    monkeypatch.setattr(actreg.compiling, "_refuse_hooked", lambda: False)
+    resets: list[None] = []
+    reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: (resets.append(None), reset())[1])
+    model = make_model()
+    run = torch.compile(model, backend="eager")
+    run(batch(0)[0])
+    reg = make_regularizer(model)
+    assert len(resets) == 1
+    values = [train_step(run, model, reg, step) for step in range(2)]
+    assert min(values) > 0 and values[0] != values[1]
     reg.remove()
 
 

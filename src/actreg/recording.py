@@ -54,7 +54,8 @@ class Recorder:
         self._specs: dict[tuple[int, int, int, int | None], BlockSpec] = {}
         self._warned: set[int] = set()
         self._checked: set[tuple[int, int]] = set()
-        guard_hooks(reset=True)  # a graph compiled before these hooks existed must not be reused
+        # a graph compiled before these hooks existed must not be reused for these modules
+        guard_hooks(reset=True, modules=[modules[s.name] for s in layout.slots if s.from_module])
         self._handles = [
             modules[slot.name].register_forward_hook(self._hook(i))
             for i, slot in enumerate(layout.slots)
@@ -118,7 +119,7 @@ class Recorder:
         """This step's records; recording starts afresh."""
         records, self._records = self._records, Records()
         self.recorded_last_step = set(records.blocks)
-        if not hooks_guarded():  # torch.compile loaded since: guard, drop graphs that skipped a hook
+        if not hooks_guarded():  # torch.compile loaded since: guard; earlier graphs refuse hooked modules
             slots = enumerate(self.layout.slots)
             guard_hooks(reset=any(s.from_module and i not in records.blocks for i, s in slots))
         return records
