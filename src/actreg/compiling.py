@@ -96,9 +96,10 @@ def _refuse_hooked() -> bool:
     return True
 
 
-def _module_nodes(root: Any, dict_manager: type) -> list[Any]:
+def _module_nodes(root: Any, dict_manager: Any) -> list[Any]:
     """The guard-tree nodes (``GuardManager``) under ``root`` whose guarded value is an ``nn.Module``."""
-    out, stack = [], [root]
+    out: list[Any] = []
+    stack: list[Any] = [root]
     while stack:
         node = stack.pop()
         guarded = node.get_type_of_guarded_value()
