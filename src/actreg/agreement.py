@@ -21,6 +21,7 @@ from .weights import summed_ranks
 if TYPE_CHECKING:
     from .recording import Records
     from .regularizer import ActivityRegularizer
+    from .shifts import Shifts
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,14 @@ class Agreement:
 
 
 def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
-    """Before a step's exchange: agree across ranks (first call) or resolve the sizes of slots that
-    had never run (later calls, while any). Returns the exchange and whether the step communicates."""
+    """Before a step's exchange: agree across ranks (first call), or, on later calls, resolve the
+    sizes of slots that had never run and the first shifts of pending centred slots (each only
+    while any). Returns the exchange and whether the step communicates."""
     ex = reg._get_exchange()
     communicate = reg.mode.communicates and ex.world_size > 1
     layout = reg.layout
-    if not reg._agreed:
+    first_call = not reg._agreed
+    if first_call:
         # in every mode, ``local`` included: ranks that differ in any setting must fail together
         # here rather than meet in mismatched collectives later
         agreement = agree(ex, propose(reg, records), communicate, layout)
@@ -66,6 +69,11 @@ def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
         for index, d in reg.recorder.seen.items():
             layout.set_dim(index, d)
     layout.build()
+    if not first_call:
+        pending = reg.shifts.pending()
+        if pending:
+            dtype, device = reg._dtype_device(ex)
+            reg.shifts.first = agree_shifts(ex, communicate, pending, records, reg.shifts, device, dtype)
     prepare_rows(records.blocks, layout, reg.shifts)  # (rows recorded before the size was agreed)
     return ex, communicate
 
@@ -142,7 +150,9 @@ def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout)
         total = sum(n for n, _ in entries)
         if total > 0 and all(len(c) == dims.get(i) for _, c in entries):
             weighted = sum(n * torch.tensor(c, dtype=torch.float64) for n, c in entries) / total
-            first[i] = weighted.to(dtype)  # type: ignore[union-attr]
+            shift = weighted.to(dtype)  # type: ignore[union-attr]
+            if bool(torch.isfinite(shift).all()):  # else the slot stays pending (see shifts)
+                first[i] = shift
     return Agreement(dims, dtype, first, _rows(everyone, dims, layout) if communicate else {})
 
 
@@ -161,6 +171,54 @@ def _rows(everyone: list[Proposal], dims: dict[int, int], layout: Layout) -> dic
         if 0 < capacity and world * capacity * d < d * d:
             out[index] = capacity
     return out
+
+
+def agree_shifts(
+    exchange: Exchange,
+    communicate: bool,
+    pending: list[int],
+    records: Records,
+    shifts: Shifts,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[int, Tensor]:
+    """The first shifts of ``pending`` centred slots (see :mod:`actreg.shifts`), after the first step.
+
+    Per slot, every rank contributes ``[n_w c_w, n_w]`` in float64 -- its kept positions ``n_w``
+    and the mean ``c_w`` of its own first rows it recorded around, zeros if it did not record the
+    slot -- and one ``all_reduce(SUM)`` (when the step communicates) gives the count-weighted mean
+    ``sum n_w c_w / sum n_w`` on every rank, as the first ``loss()`` computes it. A slot is agreed
+    when that mean is defined (``sum n_w > 0``) and finite; it stays pending otherwise. Without
+    communication the slot's own shift is adopted as it is, under the same conditions.
+
+    Only called while pending slots exist; the list is identical on every rank of a communicating
+    group by construction, so the collective always has a partner. The result is read on the host
+    (the step waits for the device here, only in such steps).
+    """
+    own = shifts.local_shifts()
+    dims = [shifts.layout.dims[i] for i in pending]
+    pieces = []
+    for i, d in zip(pending, dims, strict=True):
+        block, c = records.blocks.get(i), own.get(i)
+        if block is None or c is None or c.numel() != d:  # not recorded here (or unusable)
+            pieces.append(torch.zeros(d + 1, dtype=torch.float64, device=device))  # type: ignore[operator]
+            continue
+        n = block.detach()[:1].to(device=device, dtype=torch.float64)
+        pieces.append(torch.cat([c.detach().to(device=device, dtype=torch.float64) * n, n]))
+    sums = torch.cat(pieces)
+    if communicate:
+        exchange.sum_(sums)
+    host = sums.cpu()
+    agreed: dict[int, Tensor] = {}
+    at = 0
+    for i, d in zip(pending, dims, strict=True):
+        weighted, total = host[at : at + d], float(host[at + d])  # type: ignore[operator]
+        at += d + 1  # type: ignore[operator]
+        shift = (weighted / max(total, 1.0)).to(dtype)
+        if total > 0 and bool(torch.isfinite(shift).all()):  # else: still pending
+            # without communication, this rank's own shift as recorded (its blocks need no move)
+            agreed[i] = shift if communicate else own[i]
+    return agreed
 
 
 def resolve_dims(exchange: Exchange, layout: Layout, seen: dict[int, int], device: torch.device) -> None:

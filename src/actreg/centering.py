@@ -15,6 +15,7 @@ is moved to the new one exactly (with ``delta = c_new - c_old``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .layout import Layout, Where
+    from .layout import Layout
+    from .statistics import BlockSpec
 
 KINDS = ("first", "square", "outer")
 
@@ -57,29 +59,43 @@ def recenter(stats: Mapping[str, Tensor], centered: Mapping[str, str], delta: Te
     return out
 
 
-def recenter_block(block: Tensor, layout: Layout, index: int, delta: Tensor) -> Tensor:
+def recenter_block(
+    block: Tensor, layout: Layout, index: int, delta: Tensor, spec: BlockSpec | None = None
+) -> Tensor:
     """Slot ``index``'s block (statistics around ``c``) taken around ``c + delta`` instead.
 
     Moves the fused centred primitives and the centred statistics of penalties that record their
-    own; everything else is unchanged. Differentiable (a linear map of ``block``).
+    own; everything else is unchanged. Differentiable (a linear map of ``block``). ``spec`` is the
+    form of ``block``: the layout's (the reduced statistics, a moving average) unless given -- a
+    recorded block passes its record spec. A ``"rows"`` or ``"kernel"`` area is not moved here: a
+    kernel of gathered rows cannot be, and recorded rows are moved before, with their markers
+    (:func:`actreg.exchange.prepare_rows`).
     """
+    reduced = layout.specs[index]
+    assert reduced is not None
+    spec = reduced if spec is None else spec
     base = layout.offsets[index]
+    own_at = spec.size - reduced.size  # own statistics follow the fused ones: shift their places
 
-    def view(w: Where) -> Tensor:
-        return block.narrow(0, w.offset - base, w.numel).view(w.shape)
+    def view(start: int, shape: tuple[int, ...]) -> Tensor:
+        return block.narrow(0, start, math.prod(shape)).view(shape)
 
     moved: dict[int, Tensor] = {}  # start in the block -> moved statistic
-    activity = layout.activity(index)
     fused = {"csum": "first", "csq": "square", "couter": "outer"}
-    kinds = {name: kind for name, kind in fused.items() if name in activity}
+    kinds = {
+        name: kind
+        for name, kind in fused.items()
+        if name in spec.offsets and (name != "couter" or spec.form == "gram")
+    }
     if kinds:
-        out = recenter({name: view(activity[name]) for name in (*kinds, "count")}, kinds, delta)
-        moved.update({activity[name].offset - base: out[name] for name in kinds})
+        stats = {name: view(spec.offsets[name], spec.shape(name)) for name in (*kinds, "count")}
+        out = recenter(stats, kinds, delta)
+        moved.update({spec.offsets[name]: out[name] for name in kinds})
     for label, p in layout.slots[index].own:
         if p.centered:
-            places = layout.where(index, label)
-            out = recenter({k: view(w) for k, w in places.items()}, p.centered, delta)
-            moved.update({places[k].offset - base: out[k] for k in p.centered})
+            places = {k: (w.offset - base + own_at, w.shape) for k, w in layout.where(index, label).items()}
+            out = recenter({k: view(*place) for k, place in places.items()}, p.centered, delta)
+            moved.update({places[k][0]: out[k] for k in p.centered})
     if not moved:
         return block
     pieces, at = [], 0

@@ -23,7 +23,7 @@ from .layout import Layout
 from .positions import position_mask, require_bool_mask
 from .shifts import Shifts
 from .slots import match_glob
-from .statistics import BlockSpec, fused_statistics, no_autocast
+from .statistics import BlockSpec, FiniteGradient, fused_statistics, no_autocast
 
 
 @dataclass
@@ -186,6 +186,8 @@ class Recorder:
         if not own:
             return block
         pieces = [block]
+        # their backward may turn a failed step's zero gradient into NaN at a non-finite x
+        x = FiniteGradient.apply(x)
         xa: Tensor | None = x if x.dtype == acc else None
         with no_autocast(x):
             for _, p in own:

@@ -197,7 +197,7 @@ class ActivityRegularizer(Joinable):
 
     def _step(self, records: Records) -> Tensor:
         ex, communicate = settle(self, records)  # (first step) agree across ranks
-        used = self.shifts.common(records.blocks, communicate)  # one centring shift per slot
+        used = self.shifts.common(records.blocks)  # one centring shift per slot (pending ones: none)
         dtype, device = self._dtype_device(ex)
         g = ex.gradient_scale(self.grad_scale) if communicate else 1.0
         header, blocks = self.packer.pack(records, ex.rank, dtype, device)  # pack
@@ -236,8 +236,9 @@ class ActivityRegularizer(Joinable):
                 self.ema.recenter(self.shifts.delta(old), sorted(used))
             self._steps += 1
             self.verdicts.post(self._steps, wire, ok, errs)
-            if self.nonfinite == "skip":
-                self._skipped = ~ok if self._skipped is None else self._skipped + ~ok
+            if self.nonfinite == "skip":  # a count (int64): bool + bool would stay a bool
+                skipped = ~ok
+                self._skipped = skipped.long() if self._skipped is None else self._skipped + skipped
         self._last = (wire, ok)
         if self._next_rows:
             self.layout.rows, self._next_rows = self._next_rows, {}

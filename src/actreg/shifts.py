@@ -1,11 +1,14 @@
 """The centring shifts: around which point each centred slot takes its moments (see ``centering``).
 
 A slot's shift is its global mean of the previous step, identical on every rank, so shard sums
-still add up. On a slot's first step there is none yet: each rank records around the mean of its
-own first rows, and ``loss()`` moves those sums to a common shift (the count-weighted mean of the
-ranks' shifts, agreed by the first ``loss()``; zero for a slot that first runs later) before the
-collective. After each step :meth:`Shifts.update` takes the new shifts from the reduced buffer in a
-handful of ops for all slots together, on the device.
+still add up. A slot without one yet -- on its first step, but also after a first step in which no
+rank kept a position, or in which some rank's own mean was not finite -- is *pending*: each rank
+records around the mean of its own first rows, and ``loss()`` moves those sums to a common shift
+before the collective -- the count-weighted mean of the ranks' own shifts, computed in float64 by
+the first ``loss()``'s agreement or, later, by a small agreement of its own (``agreement``). A slot
+stays pending (its blocks are not moved) until that mean is agreed: kept positions on some rank
+and finite. After each step :meth:`Shifts.update` takes the new shifts from the reduced buffer in a
+handful of ops for all slots together, on the device, and never adopts a value that is not finite.
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ class Shifts:
     def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self.current: dict[int, Tensor] = {}  #: global shifts, identical on every rank
-        self.first: dict[int, Tensor] = {}  #: agreed by the first loss() for slots without one
+        self.first: dict[int, Tensor] = {}  #: agreed in this step for pending slots (see `pending`)
         self.last_step: dict[int, Tensor] = {}  #: shifts recorded around in the last step
         self._recorded: dict[int, Tensor] = {}
         self._flat: Tensor | None = None  #: the current shifts of `_order`, concatenated
         self._order: list[int] = []
         self._index: tuple[object, Tensor, Tensor] | None = None  #: (layout key, csum, count)
+        self._centred = sum(slot.centered for slot in layout.slots)
 
     def for_recording(self, index: int, x: Tensor, keep: Tensor | None, acc: torch.dtype) -> Tensor | None:
         """The shift to record slot ``index`` around this step (None: not centred)."""
@@ -43,13 +47,32 @@ class Shifts:
         return shift
 
     def local_shifts(self) -> dict[int, Tensor]:
-        """Shifts this rank recorded around in the current step (for the first-step agreement)."""
+        """Shifts this rank recorded around in the current step (for the agreements)."""
         return dict(self._recorded)
 
-    def common(self, blocks: dict[int, Tensor], communicate: bool) -> dict[int, Tensor]:
+    def pending(self) -> list[int]:
+        """Centred slots of known size without an agreed shift, in slot order.
+
+        Identical on every rank of a communicating group: sizes are agreed, and ``current`` only
+        takes shifts computed from the reduced buffer, agreed shifts or a loaded state.
+        """
+        layout = self.layout
+        if len(self.current) == self._centred:  # (every step once all are agreed)
+            return []
+        return [
+            i
+            for i, slot in enumerate(layout.slots)
+            if slot.centered and layout.dims[i] is not None and i not in self.current
+        ]
+
+    def common(self, blocks: dict[int, Tensor]) -> dict[int, Tensor]:
         """Move blocks recorded around a rank's own shift to the step's common shift of each slot.
 
-        Returns the common shift of every centred slot with a known size.
+        The common shift is the slot's current shift, else the one agreed in this step
+        (``first``). A pending slot without either keeps its blocks as recorded and is left out:
+        no rank kept a position of it (its sums are all 0) or one rank's own mean was not finite
+        (the step's statistics are not finite, so the step fails). Returns the common shift of
+        every other centred slot with a known size.
         """
         used: dict[int, Tensor] = {}
         recorded, self._recorded = self._recorded, {}
@@ -62,21 +85,25 @@ class Shifts:
             own = recorded.get(index)
             target = self.current.get(index, self.first.get(index))
             if target is None:
-                target = own if (own is not None and not communicate) else None
-            if target is None:
-                like = own if own is not None else next(iter(blocks.values()), None)
-                target = torch.zeros(d) if like is None else like.new_zeros(d)
+                continue  # still pending: its shift is agreed at a later step
             block = blocks.get(index)
             if block is not None and own is not None and own is not target:
                 delta = (target.to(own) - own).detach()
-                blocks[index] = recenter_block(block, layout, index, delta.to(block.dtype))
+                spec = layout.record_spec(index, d)  # (rows, if any, were moved by prepare_rows)
+                blocks[index] = recenter_block(block, layout, index, delta.to(block.dtype), spec)
             used[index] = target
         self.first = {}
         return used
 
     def update(self, wire: Tensor, used: dict[int, Tensor], ok: Tensor) -> Tensor | None:
-        """Next step's shifts: this step's global means (kept where a slot saw nothing or ``ok`` is
-        False). Returns the concatenated shifts used in this step (None without centred slots)."""
+        """Next step's shifts: this step's global means ``c + csum / count``, kept as they were
+        where a slot saw nothing or ``ok`` is False. Returns the concatenated shifts used in this
+        step (None without centred slots).
+
+        A shift never becomes non-finite: the shifts used are finite (agreed ones are checked,
+        loaded ones validated), and ``ok`` means that the reduced buffer is finite -- ``Σx²`` of
+        every slot included, so every kept ``|x|`` is far below the largest float and so is the
+        mean. (No per-step ``isfinite`` is needed for it.)"""
         if not used:
             return None
         order = sorted(used)

@@ -199,6 +199,8 @@ class FusedStatistics(torch.autograd.Function):
             gx = gc if gx is None else gx + gc
         if gx is None:
             return None, None, None, None, None, None
+        if diff & _TIMES_X:  # (gx is ours here: see _centred_grad)
+            gx = _zero_nan_(gx)
         if keep is not None:
             gx = torch.where(keep.unsqueeze(-1), gx, 0)
         elif gx.shape != x.shape:
@@ -208,6 +210,40 @@ class FusedStatistics(torch.autograd.Function):
         if gx.shape != ctx.input_shape:
             gx = gx.reshape(ctx.input_shape)
         return gx, None, None, None, None, None
+
+
+#: primitives whose gradient multiplies the activation: where it is inf or NaN, a failed step's
+#: zero gradient makes ``0 * inf = NaN`` there (``sign(x)`` is finite, so ``abs_sum``'s is clean)
+_TIMES_X = frozenset({"sq_sum", "csq", "couter"})
+_INF = float("inf")
+
+
+def _zero_nan_(t: Tensor) -> Tensor:
+    """``t`` with its NaN set to 0, in place; infinities are kept (one fused op).
+
+    The gradient reaching the statistics of a failed step is 0 (see ``values.Gathered``); only a
+    product with a non-finite activation makes it NaN, and only such a step has one: a non-finite
+    kept activation makes the global statistics non-finite, and so the step fail.
+    """
+    return t.nan_to_num_(nan=0.0, posinf=_INF, neginf=-_INF)
+
+
+class FiniteGradient(torch.autograd.Function):
+    """``y = FiniteGradient.apply(x)``: ``x`` in forward; backward sets the NaN of the gradient to 0.
+
+    Put between an activation and penalties that record their own statistics through autograd
+    (``LoadBalance``'s softmax, ``ZLoss``'s logsumexp, ``TAR``'s differences, user penalties): the
+    gradient of a failed step is 0, but their backward turns it into NaN where the activation is
+    inf or NaN (``softmax(inf) = NaN``, ``0 * inf = NaN``). One op per slot in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.nan_to_num(grad, nan=0.0, posinf=_INF, neginf=-_INF)
 
 
 def _shifted(x: Tensor, shift: Tensor | None, acc: torch.dtype) -> Tensor:
@@ -243,7 +279,7 @@ def _centred_grad(
     if "couter" in diff and spec.form == "rows":  # the exchange turned the Gram's gradient into the rows'
         start = at["couter"] + row_offset * d
         term = grad[start : start + xc.numel()].view(xc.shape)
-        gx = term if gx is None else gx + term
+        gx = term.clone() if gx is None else gx + term  # (ours: the caller zeroes its NaN in place)
     elif "couter" in diff:
         # d(x^T x)/dx applied to G is x (G + G^T); the built-in Gram penalties (DeCov, Covariance)
         # are functions of the symmetric covariance through all its entries alike, so G is
