@@ -158,7 +158,7 @@ class Exchanged(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         exchange: Exchange,
         communicate: bool,
@@ -184,7 +184,7 @@ class Exchanged(torch.autograd.Function):
         return stats
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         if ctx.g != 1.0:
             grad = grad * ctx.g
         if ctx.plan is None:

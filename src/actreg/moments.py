@@ -25,7 +25,7 @@ class OffDiagonalEnergy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, outer: Tensor, total: Tensor, count: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, outer: Tensor, total: Tensor, count: Tensor) -> Tensor:
         single = outer.dim() == 2
         if single:
             outer, total, count = outer.unsqueeze(0), total.unsqueeze(0), count.reshape(1)
@@ -38,10 +38,11 @@ class OffDiagonalEnergy(torch.autograd.Function):
         energy = torch.linalg.vecdot(flat, flat) / n.square()
         ctx.save_for_backward(scaled, mean, n)
         ctx.single = single
-        return energy[0] if single else energy
+        out: Tensor = energy[0] if single else energy
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         scaled, mean, n = ctx.saved_tensors
         if ctx.single:
             grad = grad.reshape(1)
@@ -69,7 +70,7 @@ class KernelOffDiagonalEnergy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, kernel: Tensor, diagonal: Tensor, total: Tensor, count: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, kernel: Tensor, diagonal: Tensor, total: Tensor, count: Tensor) -> Tensor:
         n = nonzero(count)
         u = kernel.sum(-1)
         ss = torch.linalg.vecdot(total, total)
@@ -81,10 +82,11 @@ class KernelOffDiagonalEnergy(torch.autograd.Function):
             + ss.square() / n.pow(4)
         )
         ctx.save_for_backward(kernel, total, u, ss, c, n)
-        return frobenius - torch.linalg.vecdot(c, c)
+        energy: Tensor = frobenius - torch.linalg.vecdot(c, c)
+        return energy
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         kernel, total, u, ss, c, n = ctx.saved_tensors
         g = grad / n.square()  # g / n^2
         gn = _per_unit(g)
@@ -97,9 +99,12 @@ class KernelOffDiagonalEnergy(torch.autograd.Function):
 def _off_diagonal_energy(stats: Stats) -> Tensor:
     """``sum_{i != j} C_ij^2`` of the biased covariance of ``stats``: (sum, outer, count), or, for a
     slot whose rows were gathered, (sum, kernel, diagonal, count) -- see ``layout.KERNEL``."""
+    energy: Tensor
     if KERNEL in stats:
-        return KernelOffDiagonalEnergy.apply(stats[KERNEL], stats[DIAGONAL], stats["sum"], stats["count"])
-    return OffDiagonalEnergy.apply(stats["outer"], stats["sum"], stats["count"])
+        energy = KernelOffDiagonalEnergy.apply(stats[KERNEL], stats[DIAGONAL], stats["sum"], stats["count"])
+    else:
+        energy = OffDiagonalEnergy.apply(stats["outer"], stats["sum"], stats["count"])
+    return energy
 
 
 def _bessel(stats: Stats) -> tuple[Tensor, Tensor]:

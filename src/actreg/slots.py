@@ -59,18 +59,14 @@ def _as_penalties(pattern: str, value: Penalty | Sequence[Penalty]) -> list[Pena
             f"penalties[{pattern!r}] is the string {value!r}; give penalty objects, e.g. "
             "{'fc1': actreg.L1(1e-3)} or {'fc1': [actreg.L1(1e-3), actreg.DeCov(0.1)]}"
         )
-    items = (
-        [value]
-        if isinstance(value, Penalty)
-        else list(value)
-        if isinstance(value, (list, tuple))
-        else [value]
-    )
+    items: list[object] = list(value) if isinstance(value, (list, tuple)) else [value]
+    checked: list[Penalty] = []
     for p in items:
         if not isinstance(p, Penalty):
             raise TypeError(f"penalties[{pattern!r}] must be a Penalty or a list of them, got {p!r}")
         check_centered(type(p).__name__, p.centered, p.statistic_shapes(1))
-    return items
+        checked.append(p)
+    return checked
 
 
 def build_slots(

@@ -52,7 +52,7 @@ from .slots import clean_name, match_glob
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - torch 2.4
-    from torch.distributed._tensor import DTensor  # type: ignore[no-redef]
+    from torch.distributed._tensor import DTensor  # type: ignore[attr-defined,no-redef,unused-ignore]
 
 
 class WeightPenalty:
@@ -72,7 +72,7 @@ class WeightPenalty:
         return f"{type(self).__name__}(weight={self.weight!r})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.weight == self.weight  # type: ignore[attr-defined]
+        return type(other) is type(self) and other.weight == self.weight
 
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.weight))
@@ -108,13 +108,15 @@ class WeightTerms:
         refs: list[list[tuple[nn.Module, str]]] = []
         names_per_penalty: list[list[str]] = []
         for pattern, value in weights.items():
-            items = value if isinstance(value, (list, tuple)) else [value]
-            for p in items:
+            given: list[object] = list(value) if isinstance(value, (list, tuple)) else [value]
+            items: list[WeightPenalty] = []
+            for p in given:
                 if not isinstance(p, WeightPenalty):
                     raise TypeError(
                         f"weights[{pattern!r}] must be actreg.WeightL2(...) / actreg.WeightL1(...) or a "
                         f"list of them, got {p!r}"
                     )
+                items.append(p)
             matched = match_glob(
                 pattern,
                 names,
@@ -192,7 +194,7 @@ class WeightTerms:
         )
 
     @staticmethod
-    def _resolve(refs: list[tuple[dict[str, Tensor | None], str]]) -> list[Tensor]:
+    def _resolve(refs: list[tuple[dict[str, nn.Parameter | None], str]]) -> list[Tensor]:
         """The parameters registered now (``fully_shard`` swaps them); a tied one counts once."""
         out: dict[int, Tensor] = {}
         for params, attr in refs:
@@ -227,7 +229,7 @@ class WeightTerms:
                 s = _power_sum(shards, p.order, dtype, grad_scale=1.0 / g)  # gradient exactly λ f'(p)
                 total = s if total is None else total + s
             sums.append(torch.zeros((), dtype=dtype, device=device) if total is None else total.to(device))
-        return torch.stack(sums)  # type: ignore[arg-type]
+        return torch.stack(sums)
 
     def parameters(self) -> list[Tensor]:
         """Every matched parameter as registered now (each once)."""
@@ -315,7 +317,8 @@ def _strided(placement: Any) -> bool:
 
 def _power_sum(tensors: list[Tensor], order: int, dtype: torch.dtype, grad_scale: float = 1.0) -> Tensor:
     """``Σ |t|^order`` over all elements of all ``tensors`` (see :class:`PowerSum`)."""
-    return PowerSum.apply(order, dtype, grad_scale, *tensors)
+    total: Tensor = PowerSum.apply(order, dtype, grad_scale, *tensors)
+    return total
 
 
 class PowerSum(torch.autograd.Function):
@@ -327,7 +330,7 @@ class PowerSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: object, order: int, dtype: torch.dtype, grad_scale: float, *tensors: Tensor
     ) -> Tensor:
         ctx.order, ctx.grad_scale = order, grad_scale  # type: ignore[attr-defined]
@@ -336,7 +339,7 @@ class PowerSum(torch.autograd.Function):
         return stacked.square().sum() if order == 2 else stacked.sum()
 
     @staticmethod
-    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, ...]:
         tensors = list(ctx.saved_tensors)  # type: ignore[attr-defined]
         scale = ctx.grad_scale * ctx.order  # type: ignore[attr-defined]
         factor = grad * scale if scale != 1.0 else grad
