@@ -31,9 +31,10 @@ from problem import CASES, DECAY, HIDDEN, batch, shard_bounds
 
 F64 = torch.float64
 MOMENTS = ("h/VarianceFloor", "h/Covariance", "h/DeCov")
-#: relative tolerance of the float32 runs against float64 (design.md promises 0.2 % at 1e3; the
-#: late first step was 5.7 % off in value and 29x in gradient at 1e3, 1800x at 1e4)
-RTOL = 1e-4
+#: relative tolerance of the float32 runs against float64: values, and gradients relative to their
+#: largest entry (measured: <= 2e-7 at 1e3 and 1e4; design.md promises 0.2 % at 1e3; the late
+#: first step was 5.7 % off in value and 29x in gradient at 1e3, 1800x at 1e4)
+RTOL = 2e-6
 
 
 def _sums(h: Tensor, a: Tensor) -> dict[str, Tensor]:
