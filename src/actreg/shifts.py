@@ -121,7 +121,7 @@ class Shifts:
         new = torch.where(ok, mean, old)
         self._flat, self._order = new, order
         dims = [self.layout.dims[i] for i in order]
-        self.current.update(zip(order, new.split(dims), strict=True))  # type: ignore[arg-type]
+        self.current.update(zip(order, new.split(dims), strict=True))
         return old
 
     def delta(self, old: Tensor) -> Tensor:
@@ -132,7 +132,8 @@ class Shifts:
     def _gather_index(self, order: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         version = (self.layout.version, tuple(order))
         if self._index is None or self._index[0] != version:
-            csum, count = [], []
+            csum: list[int] = []
+            count: list[int] = []
             for i in order:
                 where = self.layout.activity(i)
                 csum.extend(range(where["csum"].offset, where["csum"].offset + where["csum"].numel))

@@ -122,7 +122,7 @@ class FusedStatistics(torch.autograd.Function):
     """``block = FusedStatistics.apply(x, keep, shift, spec, acc)`` -- see the module docstring."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         keep: Tensor | None,
@@ -181,7 +181,7 @@ class FusedStatistics(torch.autograd.Function):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
         x, keep, shift = ctx.saved_tensors
         spec: BlockSpec = ctx.spec
         diff, at = spec.differentiated, spec.offsets
@@ -238,11 +238,11 @@ class FiniteGradient(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
         return torch.nan_to_num(grad, nan=0.0, posinf=_INF, neginf=-_INF)
 
 
@@ -304,7 +304,8 @@ def fused_statistics(
     if shift is not None and (shift.device != x.device or shift.dtype != acc):
         shift = shift.to(device=x.device, dtype=acc)
     with no_autocast(x):
-        return FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
+        block: Tensor = FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
+    return block
 
 
 def no_autocast(x: Tensor) -> contextlib.AbstractContextManager[Any]:
@@ -331,7 +332,7 @@ class TemporalDifferences(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: Tensor, keep: Tensor | None, time_dim: int, acc: torch.dtype
     ) -> Tensor:
         diff, pairs = _differences(x, keep, time_dim, acc)
@@ -344,7 +345,7 @@ class TemporalDifferences(torch.autograd.Function):
         return torch.stack([diff.square().sum(), n])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         x, keep = ctx.saved_tensors
         td = ctx.time_dim
         diff, _ = _differences(x, keep, td, ctx.acc)
@@ -368,4 +369,5 @@ def _differences(x: Tensor, keep: Tensor | None, td: int, acc: torch.dtype) -> t
 def temporal_differences(x: Tensor, keep: Tensor | None, time_dim: int, acc: torch.dtype) -> Tensor:
     """TAR's statistics of ``x`` (see :class:`TemporalDifferences`), autocast disabled."""
     with no_autocast(x):
-        return TemporalDifferences.apply(x, keep, time_dim, acc)
+        stats: Tensor = TemporalDifferences.apply(x, keep, time_dim, acc)
+    return stats

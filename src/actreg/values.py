@@ -188,13 +188,13 @@ class Gathered(torch.autograd.Function):
     wherever ``ok`` is False, so no NaN of a failed step flows back to the activations."""
 
     @staticmethod
-    def forward(ctx: Any, stats: Tensor, ok: Tensor | None, reads: tuple[_Read, ...]) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, stats: Tensor, ok: Tensor | None, reads: tuple[_Read, ...]) -> tuple[Tensor, ...]:
         ctx.reads, ctx.numel = reads, stats.numel()
         ctx.save_for_backward(ok)
         return tuple(r.view(stats) for r in reads)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, None, None]:
         (ok,) = ctx.saved_tensors
         buffer: Tensor | None = None
         for read, g in zip(ctx.reads, grads, strict=True):
