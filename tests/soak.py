@@ -113,8 +113,9 @@ class Scenario:
     ``inject``: ``(step, rank, value)`` added to one kept position of ``side``. ``checkpoint``: the
     step before which everything is saved and loaded into fresh objects. ``two_regs``: ``side``'s
     penalties in a second regularizer, its ``loss()`` called after (``"listed"``) or before
-    (``"reversed"``) the first's. ``misuse``: rank W-1 builds another ``"penalty"`` or
-    ``"weights"`` (a ``LayoutMismatchError`` is expected on every rank). ``data_seed``: the data
+    (``"reversed"``) the first's. ``misuse``: rank W-1 builds another ``"penalty"``, other
+    ``"weights"`` (λ) or ``"weight-params"`` (another parameter of as many elements): a
+    ``LayoutMismatchError`` is expected on every rank. ``data_seed``: the data
     and initial parameters (the shrinker changes the scenario but not its data).
     """
 
@@ -214,8 +215,10 @@ class Scenario:
             two_regs = rnd.choice(["listed", "reversed"])
         misuse = None
         if w > 1 and rnd.random() < 0.07:
-            misuse = rnd.choice(["penalty", "weights"])
+            misuse = rnd.choice(["penalty", "weights", "penalty", "weight-params"])
             if misuse == "weights" and not weights:
+                weights = {"lin1.weight": [("WeightL2", 0.1)]}
+            if misuse == "weight-params":  # rank W-1: head.weight [3, 4] for lin1.weight [4, 3]
                 weights = {"lin1.weight": [("WeightL2", 0.1)]}
         return cls(
             seed=seed,
@@ -624,6 +627,8 @@ def _build(scn: Scenario, rank: int, net: nn.Module) -> list[Any]:
         )
     if scn.misuse == "weights" and odd:
         weights = {g: [getattr(actreg, k)(lam * 2) for k, lam in terms] for g, terms in scn.weights.items()}
+    if scn.misuse == "weight-params" and odd:  # as many elements, other parameters
+        weights = {"head.weight" if g == "lin1.weight" else g: v for g, v in weights.items()}
     kw: dict[str, Any] = {"sync": scn.sync, "decay": scn.decay, "nonfinite": scn.nonfinite}
     if scn.two_regs:
         first = {s: v for s, v in pens.items() if s != "side"}
@@ -865,7 +870,7 @@ def classify(scn: Scenario, problems: list[str], hung: bool) -> list[str]:
         "skipped-steps": "skipped_steps" in text,
         "nan-grad": "non-finite gradient" in text or "expected NonFiniteStatisticError" in text,
         "centred-late-shift": "reference" in text or "gradient" in text or "parameter" in text,
-        "centred-first-nonfinite": "reference" in text or "gradient" in text or "parameter" in text,
+        "centred-first-nonfinite": not hung,  # "breaks later steps": any symptom (a NaN shift, ...)
         # (and, before its fix, the weight penalties' gradient scaled by the share of ranks training)
         "weights-join-stale": "metrics total" in text or "gradient" in text or "parameter" in text,
     }
@@ -906,7 +911,7 @@ def reaches(scn: Scenario) -> set[str]:
         out.add("nan-grad")
     if uneven and scn.weights:
         out.add("weights-join-stale")
-    if scn.misuse == "weights":
+    if scn.misuse in ("weights", "weight-params"):
         out.add("weights-per-rank")
     if scn.join and scn.two_regs == "reversed":
         out.add("two-regs-order")

@@ -31,7 +31,8 @@ SHORT = {
     1245: "W=2 global float32, NaN in a centred slot's first step with nonfinite='raise' (error)",
     1207: "W=3 global float32, Join 2/0/3, BatchNorm, injection, two regularizers reversed",
     1241: "W=3 ema, Join 1/3/3, BatchNorm buffers, weights=, checkpoint after step 1",
-    1035: "W=3 ema float32, Join 0/2/0 batches, two regularizers, rank 2's weights= differ (error)",
+    1035: "W=3 ema float32, Join 0/2/0 batches, two regularizers, rank 2's penalty differs (error)",
+    1007: "W=3 local, Join 4/1/1, BatchNorm, rank 2's weights= match another parameter (error)",
 }
 #: (an error scenario restarts its pool afterwards: each world size's comes last)
 
