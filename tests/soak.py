@@ -18,12 +18,13 @@ hyperparameters; not actreg's code path). :func:`run_rank` runs it on every rank
 ``reg.loss()`` value and ``metrics()["total"]`` per step, its DDP-averaged gradients, the final
 parameters on every rank, ``skipped_steps``, the state step count, and ``state_dict()`` identical on
 every rank (``global``/``ema``). A misuse scenario must raise the documented error type on *every*
-rank. A scenario that does not finish within its deadline is a hang: every rank arms
-``faulthandler.dump_traceback_later`` into a file of its own, and the failure carries every rank's
-stack.
+rank. A scenario that does not finish within its deadline (30 s, ``--deadline``) is a hang: every
+rank arms ``faulthandler.dump_traceback_later`` into a file of its own, and the failure carries
+every rank's stack and how each rank left (finished, raised what, or still running).
 
 Each failure is classified as one of the known defects of the issue "Faults, round 3" it could be
-(:func:`classify`, from the scenario's features and the symptom), or as ``NEW``.
+(:data:`KNOWN`; :func:`classify`, from the scenario's features and the symptom), as one the soak
+found itself (:data:`FOUND`, ``NEW:<name>``), or as ``NEW``.
 
 Running it:
 
@@ -37,7 +38,8 @@ Running it:
       python tests/soak.py --seed 1234 -v          # one scenario: what it is, and its outcome
       python tests/soak.py --seed 1234 --shrink    # reduce a failing seed to a smaller scenario
 
-  ``--start SEED`` picks the first seed (default: from the clock; seeds then count up).
+  ``--start SEED`` (under pytest ``ACTREG_SOAK_START``) picks the first seed (default: from the
+  clock; seeds then count up). The long mode fails (exit status 1) if any scenario failed.
 """
 
 from __future__ import annotations
