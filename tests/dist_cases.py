@@ -110,54 +110,6 @@ def count_collectives(rank: int, world_size: int, sync: str) -> dict[str, list[l
     return {"loss": in_loss, "backward": in_backward}
 
 
-def join_uneven(
-    rank: int, world_size: int, batches: list[int], names: list[str], sync: str, reg_first: bool
-) -> dict[str, Any]:
-    """Rank r trains on ``batches[r]`` steps inside ``Join`` (DDP + the regularizer)."""
-    from torch.distributed.algorithms.join import Join
-
-    start, stop = shard_bounds(rank, world_size)
-    model = make_model()
-    net = DDP(model)
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    reg = actreg.ActivityRegularizer(net, {"1": [make_penalty(n) for n in names]}, sync=sync, decay=DECAY)
-    losses = []
-    if reg_first:
-        try:
-            Join([reg, net])
-        except ValueError as err:
-            return {"refused": str(err)}
-        return {"refused": None}
-    with Join([net, reg]):
-        for step in range(batches[rank]):
-            x, mask = batch(step)
-            opt.zero_grad()
-            with reg.mask(mask[start:stop]):
-                y = net(x[start:stop])
-            loss = reg.loss()
-            (loss + 0.0 * y.sum()).backward()
-            opt.step()
-            losses.append(loss.item())
-    state = reg.state_dict()
-    # after the Join: one more step on every rank must still pair up (same private group)
-    x, mask = batch(0)
-    with reg.mask(mask[start:stop]):
-        net(x[start:stop])
-    after = reg.loss().item()
-    return {
-        "loss": losses,
-        "params": _params(model),
-        "step": state["step"],
-        "ema": {
-            f"{slot}/{label}/{stat}": t.numpy()
-            for slot, per_label in state["ema"].items()
-            for label, stats in per_label.items()
-            for stat, t in stats.items()
-        },
-        "after": after,
-    }
-
-
 def layout_mismatch(rank: int, world_size: int, kind: str) -> str:
     """Rank 1 builds a different regularizer; every rank must raise, none may hang."""
     model = make_model()

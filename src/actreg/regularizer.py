@@ -14,7 +14,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from .agreement import settle
 from .ema import MovingAverage
 from .exchange import Exchange, Exchanged, Packer
-from .joining import ShadowStep, arrange, private_group
+from .joining import ShadowStep, arrange
 from .layout import Layout
 from .metrics import nonfinite_message, step_metrics
 from .modes import mode
@@ -190,21 +190,26 @@ class ActivityRegularizer(Joinable):
         return self._step(self.recorder.take())  # this step's records
 
     def _shadow_step(self) -> None:
-        """A joined rank's step (see :mod:`actreg.joining`): zeros for its statistics, same state."""
+        """A joined rank's step (see :mod:`actreg.joining`): zeros for its statistics and weight
+        sums (its parameters are stale: DDP stops updating them when it joins), same state."""
         self.recorder.take()  # nothing should be pending; drop it if something is
         with torch.no_grad():
-            self._step(Records())
+            self._step(Records(), shadow=True)
 
-    def _step(self, records: Records) -> Tensor:
+    def _step(self, records: Records, shadow: bool = False) -> Tensor:
         ex, communicate = settle(self, records)  # (first step) agree across ranks
         used = self.shifts.common(records.blocks)  # one centring shift per slot (pending ones: none)
         dtype, device = self._dtype_device(ex)
         g = ex.gradient_scale(self.grad_scale) if communicate else 1.0
         header, blocks = self.packer.pack(records, ex.rank, dtype, device)  # pack
         plan = self.packer.rows_plan()
+        # under Join (a private group was set up) the weight sums are followed by the number of
+        # ranks that contributed them: a joined rank contributes zeros (see _weights_block)
+        counted = self.weights is not None and communicate and self._join_group is not None
         if self.weights is not None:  # the weight sums ride at the end of the same buffer
-            blocks.append(self.weights.block(dtype, device, ex.world_size if communicate else 1, g))
-            plan = None if plan is None else [*plan, None]
+            world = ex.world_size if communicate else 1
+            blocks.extend(self._weights_block(dtype, device, world, g, shadow, counted))
+            plan = None if plan is None else [*plan, *[None] * (1 + counted)]
         wire = Exchanged.apply(ex, communicate, g, plan, header, *blocks)  # one collective
 
         with torch.no_grad():  # (under autograd, isfinite would save its input for backward)
@@ -214,6 +219,9 @@ class ActivityRegularizer(Joinable):
         weight_sums = None
         if self.weights is not None:
             weight_sums = wire.narrow(0, self.layout.size, len(self.weights))
+            if counted:  # W / (ranks still training): the sums of one replica (see _weights_block)
+                contributing = wire.narrow(0, self.layout.size + len(self.weights), 1).detach()
+                weight_sums = weight_sums * (ex.world_size / contributing.clamp_min(1.0))
             wire = wire.narrow(0, 0, self.layout.size)
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
         total = self._values(dtype, device).total(stats, batch_scale, ok)  # no NaN flows back
@@ -225,6 +233,29 @@ class ActivityRegularizer(Joinable):
         total = torch.where(ok, total, 0.0)
         self._commit(wire.detach(), stats, used, ok, records.errors)
         return total
+
+    def _weights_block(
+        self, dtype: torch.dtype, device: torch.device, world: int, g: float, shadow: bool, counted: bool
+    ) -> list[Tensor]:
+        """This rank's weight sums for the wire (``Σ f(p) / W`` per penalty, see :mod:`actreg.weights`),
+        and with ``counted`` a last value: 1 on a training rank, 0 on a joined one.
+
+        A joined rank's parameters are stale (DDP no longer updates them), so its shadow step
+        contributes zeros: the reduced sums are ``(C/W) Σ f(p)`` for the ``C`` ranks still
+        training, and the step rescales them by ``W/C`` -- the value is ``λ Σ f(p)`` of the
+        training replicas, and (through the rescale) each training rank's gradient is
+        ``(g/C) λ f'(p)``, which DDP's averaging over the initial ``W`` ranks (``Join``'s default
+        ``divide_by_initial_world_size=True``) turns into ``λ f'(p)``: the value and gradient of
+        one process, as without ``Join``.
+        """
+        assert self.weights is not None
+        if shadow:
+            sums = torch.zeros(len(self.weights), dtype=dtype, device=device)
+        else:
+            sums = self.weights.block(dtype, device, world, g)
+        if not counted:
+            return [sums]
+        return [sums, torch.full((1,), 0.0 if shadow else 1.0, dtype=dtype, device=device)]
 
     def _commit(self, wire: Tensor, stats: Tensor, used: dict[int, Tensor], ok: Tensor, errs: list) -> None:
         """After the step: moving average, next shifts, the decision posted for the next call."""
@@ -267,14 +298,18 @@ class ActivityRegularizer(Joinable):
     def join_hook(self, **kwargs: Any) -> JoinHook:
         """The hook ``Join`` runs on a rank that has run out of inputs (see :mod:`actreg.joining`).
 
-        Called by every rank when the ``Join`` is built: from then on the regularizer exchanges
-        over a private group with the same ranks, so its collectives pair in order with the
-        shadows of a joined rank whatever the order of the joinables.
+        Called by every rank when the ``Join`` is built. While it is built (``join_process_group``)
+        :func:`actreg.joining.arrange` gives the regularizer a private group with the same ranks
+        (its own among the regularizers of that ``Join``), over which it exchanges from then on:
+        its collectives pair with the shadows of a joined rank whatever DDP does on its group.
         """
-        if self._join_group is None and dist.is_available() and dist.is_initialized():
-            self._join_group = private_group(self.process_group)
-            self._exchange = None  # the next step exchanges over the private group
         return ShadowStep(self)
+
+    def _use_join_group(self, group: Any) -> None:
+        """Exchange over ``group`` from the next step on (called by every rank at the same point)."""
+        if group is not self._join_group:
+            self._join_group = group
+            self._exchange = None
 
     @property
     def join_device(self) -> torch.device:
