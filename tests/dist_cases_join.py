@@ -156,3 +156,24 @@ def refused_order(rank: int, world_size: int) -> dict[str, Any]:
     finally:
         reg.remove()
     return {"refused": None}
+
+
+def error_after_join(rank: int, world_size: int, batches: list[int], bad_step: int) -> dict[str, Any]:
+    """Rank r trains ``batches[r]`` steps in ``Join``; at ``bad_step`` the ranks still training feed
+    NaN (``nonfinite="raise"``): the next ``loss()`` raises. Returns the error this rank raised."""
+    start, stop = shard_bounds(rank, world_size)
+    net = DDP(Net(None))
+    reg = _regularizer(net, ["L1"], "global", False)
+    try:
+        with Join([net, reg]):
+            for step in range(batches[rank]):
+                x, mask = batch(step)
+                if step == bad_step:
+                    x = x * float("nan")
+                y = _forward(net, [reg], x[start:stop], mask[start:stop])
+                (reg.loss() + 0.0 * y.sum()).backward()
+    except Exception as err:  # reported to the test
+        return {"error": type(err).__name__, "message": str(err)}
+    finally:
+        reg.remove()
+    return {"error": None, "message": ""}

@@ -175,3 +175,12 @@ def test_regularizer_listed_before_the_model_is_refused_on_every_rank(pools):
     for result in results:
         assert result["refused"] is not None
         assert "Join([ddp_model, reg])" in result["refused"]
+
+
+def test_error_decided_after_a_rank_joined_is_raised_on_the_joined_rank_too(pools):
+    """A non-finite step while rank 0 has joined: the next loss() raises on the training ranks, and
+    rank 0 (in Join's loop, shadowing) raises the same error instead of waiting in a collective."""
+    results = pools[3].run(dist_cases_join.error_after_join, [1, 3, 3], 1, timeout=50)
+    for rank, result in enumerate(results):
+        assert result["error"] == "NonFiniteStatisticError", f"rank {rank}: {result}"
+        assert "step 2" in result["message"], f"rank {rank}: {result['message']}"

@@ -191,7 +191,12 @@ class ActivityRegularizer(Joinable):
 
     def _shadow_step(self) -> None:
         """A joined rank's step (see :mod:`actreg.joining`): zeros for its statistics and weight
-        sums (its parameters are stale: DDP stops updating them when it joins), same state."""
+        sums (its parameters are stale: DDP stops updating them when it joins), same state.
+
+        It first raises what the previous step decided, as ``loss()`` does on the training ranks
+        (the same posted decision: every rank committed the same step), so a joined rank raises
+        the same error with them instead of waiting for a collective that will not come."""
+        self.check()
         self.recorder.take()  # nothing should be pending; drop it if something is
         with torch.no_grad():
             self._step(Records(), shadow=True)
