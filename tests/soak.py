@@ -38,6 +38,8 @@ Running it:
       python tests/soak.py --seed 1234 -v          # one scenario: what it is, and its outcome
       python tests/soak.py --seed 1234 --shrink    # reduce a failing seed to a smaller scenario
 
+  ``--avoid duplicate-penalty`` (``ACTREG_SOAK_AVOID``) leaves out the combination of a defect
+  found already, so that a long run looks for others (a repro then prints the whole scenario).
   ``--start SEED`` (under pytest ``ACTREG_SOAK_START``) picks the first seed (default: from the
   clock; seeds then count up). The long mode fails (exit status 1) if any scenario failed.
 """
@@ -57,7 +59,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -1079,18 +1081,40 @@ class _Pools:
             p.close()
 
 
+def avoiding(scn: Scenario, avoid: Iterable[str]) -> Scenario:
+    """``scn`` without the combination of a defect already found (a name of :data:`FOUND` without
+    ``NEW:``), so that a long run looks for others: ``duplicate-penalty`` keeps one penalty of
+    each family per slot."""
+    avoid = set(avoid)
+    if "duplicate-penalty" in avoid and _duplicate_family(scn):
+        pens = {}
+        for slot, p in scn.penalties.items():
+            families: dict[str, tuple[str, tuple[float, ...]]] = {}
+            for fam, args in p:
+                families.setdefault(fam, (fam, args))
+            pens[slot] = list(families.values())
+        scn = dataclasses.replace(scn, penalties=pens)
+    return scn
+
+
 def soak(
-    pools: Any, minutes: float, start: int, out: Any = sys.stdout, deadline: float = 30.0
+    pools: Any,
+    minutes: float,
+    start: int,
+    out: Any = sys.stdout,
+    deadline: float = 30.0,
+    avoid: Iterable[str] = (),
 ) -> list[Outcome]:
     """Run seeds ``start, start+1, ...`` for ``minutes``; print progress and a summary.
 
+    ``avoid``: defects found already whose combination the scenarios leave out (:func:`avoiding`).
     Returns the failures."""
     stop = time.monotonic() + 60 * minutes
     failures: list[Outcome] = []
     count = 0
     seed = start
     while time.monotonic() < stop:
-        outcome = run_scenario(pools, Scenario.draw(seed), deadline)
+        outcome = run_scenario(pools, avoiding(Scenario.draw(seed), avoid), deadline)
         count += 1
         if not outcome.ok:
             failures.append(outcome)
@@ -1128,6 +1152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shrink", action="store_true")
     parser.add_argument("--deadline", type=float, default=30.0)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--avoid",
+        action="append",
+        default=[a for a in os.environ.get("ACTREG_SOAK_AVOID", "").split(",") if a],
+        help="leave out a defect found already (duplicate-penalty); env ACTREG_SOAK_AVOID=a,b",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
@@ -1167,7 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
             args.minutes if args.minutes is not None else float(os.environ.get("ACTREG_SOAK_MINUTES", "1"))
         )
         start = args.start if args.start is not None else int(time.time()) % 1_000_000 * 1000
-        failures = soak(pools, minutes, start, deadline=args.deadline)
+        failures = soak(pools, minutes, start, deadline=args.deadline, avoid=args.avoid)
         return 1 if failures else 0
     finally:
         pools.close()

@@ -9,8 +9,9 @@ The long mode is skipped unless ``ACTREG_SOAK_MINUTES`` is set::
 
     ACTREG_SOAK_MINUTES=30 python -m pytest tests/test_soak.py -k long -s
 
-It runs random seeds for that long (``ACTREG_SOAK_START`` picks the first; default from the clock)
-and prints the number of scenarios, the failures by class and a one-line repro of each.
+It runs random seeds for that long (``ACTREG_SOAK_START`` picks the first; default from the clock;
+``ACTREG_SOAK_AVOID=duplicate-penalty`` leaves out a defect found already) and prints the number
+of scenarios, the failures by class and a one-line repro of each.
 """
 
 from __future__ import annotations
@@ -77,5 +78,6 @@ def test_long(pools, capsys):
     minutes = float(os.environ["ACTREG_SOAK_MINUTES"])
     start = int(os.environ.get("ACTREG_SOAK_START", str(int(time.time()) % 1_000_000 * 1000)))
     with capsys.disabled():
-        failures = soak.soak(pools, minutes, start)
+        avoid = [a for a in os.environ.get("ACTREG_SOAK_AVOID", "").split(",") if a]
+        failures = soak.soak(pools, minutes, start, avoid=avoid)
     assert not failures, "\n\n".join(f.report() for f in failures)
