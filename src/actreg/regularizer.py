@@ -262,7 +262,9 @@ class ActivityRegularizer(Joinable):
             return [sums]
         return [sums, torch.full((1,), 0.0 if shadow else 1.0, dtype=dtype, device=device)]
 
-    def _commit(self, wire: Tensor, stats: Tensor, used: dict[int, Tensor], ok: Tensor, errs: list) -> None:
+    def _commit(
+        self, wire: Tensor, stats: Tensor, used: dict[int, Tensor], ok: Tensor, errs: list[str]
+    ) -> None:
         """After the step: moving average, next shifts, the decision posted for the next call."""
         with torch.no_grad():
             if self.mode.moving_average:
