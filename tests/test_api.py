@@ -446,3 +446,27 @@ def test_torch_compile_sees_no_graph_break_from_recording():
     reg.loss()
     assert reg.metrics()["3/count"] == 5  # the traced forward recorded
     reg.remove()
+
+
+def test_two_penalties_of_one_kind_on_one_slot_add_up() -> None:
+    """L1 + L1 and DeCov + DeCov on one module (found by the soak: the backward wrote one buffer
+    position twice through a strided view and raised)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU()).double()
+    reg = actreg.ActivityRegularizer(
+        model, {"1": [actreg.L1(0.1), actreg.L1(0.2), actreg.DeCov(0.1), actreg.DeCov(0.3)]}
+    )
+    x = torch.randn(6, 4, dtype=torch.float64)
+    model(x)
+    loss = reg.loss()
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    # float64 reference from the formulas: L1 = w Σ|x| / n, DeCov = w ½ (‖C‖² − ‖diag C‖²)
+    a = model[0](x).relu()
+    c = a - a.mean(0)
+    cov = c.T @ c / a.shape[0]
+    ref = 0.3 * a.abs().sum() / a.shape[0] + 0.4 * 0.5 * ((cov**2).sum() - (cov.diagonal() ** 2).sum())
+    grads = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-12, atol=0)
+    for g, r in zip(got, grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14)

@@ -144,7 +144,7 @@ class _Read:
         steps = {b - a for a, b in itertools.pairwise(self.offsets)}
         #: gather positions when the members are unevenly spaced, else None (a strided view)
         self.index: Tensor | None = None
-        if len(steps) > 1:
+        if len(steps) > 1 or 0 in steps:  # unevenly spaced, or one slot twice (L1 + L1): gather
             starts = torch.tensor(self.offsets, dtype=torch.long, device=self.device)
             self.index = (starts[:, None] + torch.arange(self.numel, device=self.device)).reshape(-1)
         inner = [math.prod(stat_shape[i + 1 :]) for i in range(len(stat_shape))]
