@@ -55,7 +55,9 @@ def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
         agreement = agree(ex, propose(reg, records), communicate, layout)
         for index, d in agreement.dims.items():
             layout.set_dim(index, d)
-        reg.recorder.dtype = agreement.dtype
+        reg._dtype_floor = agreement.dtype
+        # no activation recorded on any rank yet: their dtype is agreed when one is (resolve_dims)
+        reg.recorder.dtype = agreement.dtype if agreement.dims or reg.stats_dtype else None
         reg.shifts.first = agreement.first_shifts
         reg._agreed = True
         if reg.mode.moving_average:  # the average is d x d: this step sends the Gram, later ones rows
@@ -64,10 +66,14 @@ def settle(reg: ActivityRegularizer, records: Records) -> tuple[Exchange, bool]:
             layout.rows = dict(agreement.rows)
             layout.kernels = {i: ex.world_size * capacity for i, capacity in agreement.rows.items()}
     elif communicate and not layout.complete:
-        resolve_dims(ex, layout, reg.recorder.seen, reg._dtype_device(ex)[1])
+        widest = resolve_dims(ex, layout, reg.recorder.seen, reg._dtype_device(ex)[1], _bits(records))
+        if reg.recorder.dtype is None and widest:
+            reg.recorder.dtype = torch.promote_types(reg._dtype_floor, _DTYPE_OF_BITS[widest])
     if not communicate:
         for index, d in reg.recorder.seen.items():
             layout.set_dim(index, d)
+        if reg.recorder.dtype is None and records.blocks:
+            reg.recorder.dtype = torch.promote_types(reg._dtype_floor, _DTYPE_OF_BITS[_bits(records)])
     layout.build()
     if not first_call:
         pending = reg.shifts.pending()
@@ -221,8 +227,19 @@ def agree_shifts(
     return agreed
 
 
-def resolve_dims(exchange: Exchange, layout: Layout, seen: dict[int, int], device: torch.device) -> None:
-    """Agree on the feature sizes of slots that had not run on any rank before this step.
+_DTYPE_OF_BITS = {32: torch.float32, 64: torch.float64}
+
+
+def _bits(records: Records) -> int:
+    """Width of the widest statistics this rank recorded in this step (0: none recorded)."""
+    return max((torch.finfo(b.dtype).bits for b in records.blocks.values()), default=0)
+
+
+def resolve_dims(
+    exchange: Exchange, layout: Layout, seen: dict[int, int], device: torch.device, bits: int = 0
+) -> int:
+    """Agree on the feature sizes of slots that had not run on any rank before this step, and on
+    the widest statistics recorded in this step (``bits``; returned, 0 if none on any rank).
 
     Only called while such slots exist; the set is identical on all ranks by construction, so the
     small ``all_reduce(MAX)`` always has a partner (this step then has two collectives).
@@ -230,10 +247,12 @@ def resolve_dims(exchange: Exchange, layout: Layout, seen: dict[int, int], devic
     unresolved = [i for i, d in enumerate(layout.dims) if d is None]
     big = 2**40
     sizes = [seen.get(i) for i in unresolved]
-    t = torch.tensor([d or 0 for d in sizes] + [-(d or big) for d in sizes], dtype=torch.int64, device=device)
+    t = torch.tensor(
+        [d or 0 for d in sizes] + [-(d or big) for d in sizes] + [bits], dtype=torch.int64, device=device
+    )
     exchange.max_(t)
     k = len(unresolved)
-    top, low = t[:k].tolist(), (-t[k:]).tolist()
+    top, low, widest = t[:k].tolist(), (-t[k : 2 * k]).tolist(), int(t[2 * k])
     for i, hi, lo in zip(unresolved, top, low, strict=True):
         if hi == 0:
             continue
@@ -243,3 +262,4 @@ def resolve_dims(exchange: Exchange, layout: Layout, seen: dict[int, int], devic
                 f"on different ranks (between {lo} and {hi})"
             )
         layout.set_dim(i, hi)
+    return widest

@@ -137,6 +137,9 @@ class ActivityRegularizer(Joinable):
         self.verdicts = Verdicts(nonfinite, self.slot_names)
         self._exchange: Exchange | None = None
         self._agreed = False
+        #: the statistics dtype agreed so far; the recorder's stays None until an activation was
+        #: recorded on some rank (a first step that saw none cannot know the activations' dtype)
+        self._dtype_floor = stats_dtype or torch.float32
         self._evaluator: tuple[int, Evaluator] | None = None
         self.packer = Packer(self.layout)
         self._next_rows: dict[int, int] = {}
@@ -332,7 +335,7 @@ class ActivityRegularizer(Joinable):
         return self.process_group if self.process_group is not None else dist.group.WORLD
 
     def _dtype_device(self, ex: Exchange) -> tuple[torch.dtype, torch.device]:  # of the step buffer
-        return self.recorder.dtype or torch.float32, ex.buffer_device(self.recorder.device, self._root)
+        return self.recorder.dtype or self._dtype_floor, ex.buffer_device(self.recorder.device, self._root)
 
     def _explain_nonfinite(self, wire: Tensor) -> str:
         return nonfinite_message(self.layout, *self._current_values(wire), wire=wire)
