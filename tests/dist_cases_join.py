@@ -145,12 +145,16 @@ def _forward(
         return net(x)
 
 
-def refused_order(rank: int, world_size: int) -> dict[str, Any]:
-    """``Join([reg, ddp_model])``: the error raised on this rank (``None`` if none was)."""
+def refused_order(rank: int, world_size: int, divide_by_initial_world_size: bool = True) -> dict[str, Any]:
+    """``Join([reg, ddp_model])`` (or, with ``divide_by_initial_world_size=False``, ``Join([ddp_model,
+    reg], divide_by_initial_world_size=False)``): the error raised on this rank (``None`` if none)."""
     net = DDP(Net(None))
     reg = _regularizer(net, ["L1"], "global", False)
     try:
-        Join([reg, net])
+        if divide_by_initial_world_size:
+            Join([reg, net])
+        else:
+            Join([net, reg], divide_by_initial_world_size=False)
     except ValueError as err:
         return {"refused": str(err)}
     finally:

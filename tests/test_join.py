@@ -177,6 +177,15 @@ def test_regularizer_listed_before_the_model_is_refused_on_every_rank(pools):
         assert "Join([ddp_model, reg])" in result["refused"]
 
 
+def test_join_that_divides_by_the_ranks_still_training_is_refused_on_every_rank(pools):
+    """``divide_by_initial_world_size=False``: DDP would divide by the ranks still training, and the
+    penalty's gradient (surrogate factor W) would be W / C too large: refused at ``Join(...)``."""
+    results = pools[3].run(dist_cases_join.refused_order, False, timeout=60)
+    for result in results:
+        assert result["refused"] is not None
+        assert "divide_by_initial_world_size=False" in result["refused"]
+
+
 def test_error_decided_after_a_rank_joined_is_raised_on_the_joined_rank_too(pools):
     """A non-finite step while rank 0 has joined: the next loss() raises on the training ranks, and
     rank 0 (in Join's loop, shadowing) raises the same error instead of waiting in a collective."""

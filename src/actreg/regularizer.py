@@ -312,7 +312,20 @@ class ActivityRegularizer(Joinable):
         :func:`actreg.joining.arrange` gives the regularizer a private group with the same ranks
         (its own among the regularizers of that ``Join``), over which it exchanges from then on:
         its collectives pair with the shadows of a joined rank whatever DDP does on its group.
+
+        ``Join(..., divide_by_initial_world_size=False)`` is refused (a ``ValueError`` on every rank,
+        which all build the ``Join`` alike): DDP would then divide gradients by the number of ranks
+        still training, which the surrogate's factor ``grad_scale`` cannot know without reading
+        the device, so the penalty's gradient would be too large by ``W / C``.
         """
+        if not kwargs.get("divide_by_initial_world_size", True):
+            raise ValueError(
+                "Join(..., divide_by_initial_world_size=False) is not supported with an "
+                "ActivityRegularizer: DDP would divide gradients by the number of ranks still "
+                "training, and the penalty's gradient would be too large by world_size / that number. "
+                "Use the default (True): the penalty's gradient is then exactly that of the global "
+                "penalty of the batches present"
+            )
         return ShadowStep(self)
 
     def _use_join_group(self, group: Any) -> None:
