@@ -51,10 +51,12 @@ import contextlib
 import dataclasses
 import faulthandler
 import io
+import json
 import math
 import os
 import random
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -238,7 +240,7 @@ class Scenario:
             masked=masked,
             keep=keep,
             rows=rows,
-            inject=tuple(sorted(set(inject))),
+            inject=tuple(sorted({(t, r): (t, r, v) for t, r, v in inject}.values())),  # one per (t, r)
             weights=weights,
             bn=bn,
             broadcast_buffers=rnd.random() < 0.7,
@@ -956,13 +958,29 @@ class Outcome:
 
 
 def repro(scn: Scenario) -> str:
-    if scn.data_seed == scn.seed and scn == Scenario.draw(scn.seed):
+    """The command line that reruns ``scn`` alone."""
+    text = scenario_repr(scn)
+    if scn.data_seed == scn.seed and text == scenario_repr(Scenario.draw(scn.seed)):
         return f"python tests/soak.py --seed {scn.seed} -v"
-    return f"python tests/soak.py --scenario '{scenario_repr(scn)}' -v"
+    return f"python tests/soak.py --scenario {shlex.quote(text)} -v"
 
 
 def scenario_repr(scn: Scenario) -> str:
-    return repr(dataclasses.asdict(scn))
+    """``scn`` as JSON (NaN and infinities spelled as JSON's extension does), for ``--scenario``."""
+    return json.dumps(dataclasses.asdict(scn))
+
+
+def scenario_from(text: str) -> Scenario:
+    """The scenario of :func:`scenario_repr`'s text."""
+    fields = json.loads(text)
+    fields["batches"] = tuple(fields["batches"])
+    fields["side"] = tuple(tuple(s) for s in fields["side"])
+    fields["masked"] = tuple(fields["masked"])
+    fields["rows"] = tuple(fields["rows"])
+    fields["inject"] = tuple(tuple(i) for i in fields["inject"])
+    fields["penalties"] = {k: [(f, tuple(a)) for f, a in v] for k, v in fields["penalties"].items()}
+    fields["weights"] = {k: [tuple(x) for x in v] for k, v in fields["weights"].items()}
+    return Scenario(**fields)
 
 
 def _ready(rank: int, world_size: int) -> int:
@@ -1165,19 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.seed is not None or args.scenario is not None:
             if args.scenario is not None:
-                import ast
-
-                fields = ast.literal_eval(args.scenario)
-                fields["batches"] = tuple(fields["batches"])
-                fields["side"] = tuple(tuple(s) for s in fields["side"])
-                fields["masked"] = tuple(fields["masked"])
-                fields["rows"] = tuple(fields["rows"])
-                fields["inject"] = tuple(tuple(i) for i in fields["inject"])
-                fields["penalties"] = {
-                    k: [(f, tuple(a)) for f, a in v] for k, v in fields["penalties"].items()
-                }
-                fields["weights"] = {k: [tuple(x) for x in v] for k, v in fields["weights"].items()}
-                scn = Scenario(**fields)
+                scn = scenario_from(args.scenario)
             else:
                 scn = Scenario.draw(args.seed)
             if args.verbose:
