@@ -90,9 +90,13 @@ ERRORS = ("LayoutMismatchError", "NonFiniteStatisticError", "RecordingError")
 #: defects the soak found that the issue did not list (see the report of the soak's first runs)
 FOUND = {
     "NEW:duplicate-penalty": "two penalties of one family on one slot (L1 + L1): backward raises "
-    "'more than one element of the written-to tensor refers to a single memory location' (values.py)",
+    "'more than one element of the written-to tensor refers to a single memory location' (values.py; "
+    "fixed: babd3eb)",
     "NEW:late-dtype": "a regularizer whose first loss() saw no recorded activation agrees on float32 "
-    "statistics: float64 activations recorded later are summed in float32 (errors ~1e-8)",
+    "statistics: float64 activations recorded later are summed in float32 (errors ~1e-8; fixed: f4dcd55)",
+    "NEW:ema-load-unrecorded": "sync='ema': a regularizer loaded with load_state_dict whose first step "
+    "records nothing for a slot drops the loaded moving average (state_dict()['ema'] == {}): penalty 0 "
+    "in that step, later values and gradients differ from the uninterrupted run",
 }
 
 #: the defects the issue "Faults, round 3" lists (being fixed while this was written)
@@ -867,6 +871,8 @@ def classify(scn: Scenario, problems: list[str], hung: bool) -> list[str]:
         small = [float(m) for m in re.findall(r"off by ([0-9.e+-]+)", text)]
         if small and max(small) < 1e-5 and "reference" not in text:
             return ["NEW:late-dtype"]
+    if not hung and scn.sync == "ema" and _unrecorded_after_load(scn):
+        return ["NEW:ema-load-unrecorded"]
     candidates = reaches(scn)
     symptoms = {
         "join-0/1-batches": hung or " raised " in text,
@@ -890,6 +896,14 @@ def _late_first(scn: Scenario) -> bool:
     starts = [0] if scn.checkpoint is None else [0, scn.checkpoint]  # a loaded regularizer starts again
     on = [any(scn.side[t][r] and scn.batches[r] > t for r in range(scn.world_size)) for t in range(scn.steps)]
     return any(c < scn.steps and not on[c] and any(on[c:]) for c in starts)
+
+
+def _unrecorded_after_load(scn: Scenario) -> bool:
+    """A slot records nothing (on any rank) in the first step after the checkpoint."""
+    c = scn.checkpoint
+    if c is None or c >= scn.steps or "side" not in scn.penalties:
+        return False
+    return not any(scn.side[c][r] and scn.batches[r] > c for r in range(scn.world_size))
 
 
 def _duplicate_family(scn: Scenario) -> bool:
