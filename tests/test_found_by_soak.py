@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+import actreg
 import dist_cases_found
 
 
@@ -19,3 +21,32 @@ def test_float64_activation_first_recorded_after_the_first_step_keeps_float64(po
             expected = dist_cases_found.late_float64_reference(step)
             assert got[step] == pytest.approx(expected, rel=1e-13, abs=0), (rank, step)
         assert got == results[0], f"rank {rank} differs from rank 0"
+
+
+def _ema_model() -> tuple[torch.nn.Module, actreg.ActivityRegularizer]:
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh()).double()
+    reg = actreg.ActivityRegularizer(model, {"1": actreg.VarianceFloor(1.0)}, sync="ema", decay=0.5)
+    return model, reg
+
+
+def test_loaded_moving_average_survives_a_step_that_records_nothing():
+    """``ema``: a regularizer restored with ``load_state_dict`` whose first step records nothing
+    used to drop the loaded average of that slot (``state_dict()["ema"] == {}``, penalty 0, later
+    steps off). It now continues exactly as the run that did not stop, in float64."""
+    torch.manual_seed(0)
+    xs = [torch.randn(6, 3, dtype=torch.float64) for _ in range(3)]
+    model, reg = _ema_model()
+    model(xs[0])
+    reg.loss()
+    state = reg.state_dict()
+    restored_model, restored = _ema_model()
+    restored.load_state_dict(state)
+    for step, x in enumerate([None, *xs[1:]]):  # the first step after the load records nothing
+        if x is not None:
+            model(x)
+            restored_model(x)
+        expected, got = float(reg.loss().detach()), float(restored.loss().detach())
+        assert expected > 0
+        assert got == pytest.approx(expected, rel=1e-13, abs=0), step
+        assert restored.state_dict()["ema"].keys() == reg.state_dict()["ema"].keys() == {"1"}

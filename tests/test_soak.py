@@ -40,7 +40,7 @@ SHORT = {
 
 #: seeds of the short set that hit a defect not fixed yet (listed in the issue, or found by the soak:
 #: soak.FOUND): the mark names it (the lead removes a mark when its fix lands)
-KNOWN_FAILING: dict[int, str] = {40365: "NEW:ema-load-unrecorded"}
+KNOWN_FAILING: dict[int, str] = {}
 
 
 def _param(seed: int) -> object:

@@ -93,6 +93,11 @@ def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
     if reg.weights is not None:  # weight sums travel in the same buffer
         for t in reg.weights.parameters():
             dtype = torch.promote_types(dtype, t.dtype)
+    if reg.stats_dtype is None:  # a loaded moving average keeps its precision
+        for stats in reg.ema.state().values():
+            for by_name in stats.values():
+                for t in by_name.values():
+                    dtype = torch.promote_types(dtype, t.dtype)
     shifts = {
         i: (float(records.blocks[i][0].detach()), s.detach().double().cpu().tolist())
         for i, s in reg.shifts.local_shifts().items()
@@ -143,6 +148,11 @@ def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout)
             )
         if seen:
             dims[index] = seen.pop()  # type: ignore[assignment]
+    # a loaded state's sizes (compared above, so the same on every rank) for slots that did not
+    # run in this step: their moving average is laid out now and decays like the saved run's
+    # (a mismatch with what a rank records later is a RecordingError naming the loaded state)
+    for index, d in mine.description["loaded_dims"]:  # type: ignore[attr-defined]
+        dims.setdefault(index, d)
     dtype = torch.float32
     for p in everyone:
         dtype = torch.promote_types(dtype, getattr(torch, p.dtype.replace("torch.", "")))
