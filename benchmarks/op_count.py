@@ -54,23 +54,53 @@ from bench_step import build
 
 PenaltySpec = actreg.Penalty | list[actreg.Penalty]
 
-CONFIGS: dict[str, Callable[[], PenaltySpec]] = {
-    "L1": lambda: actreg.L1(1e-4),
-    "L2": lambda: actreg.L2(1e-4),
-    "AR": lambda: actreg.AR(1e-4),
-    "L1+DeCov": lambda: [actreg.L1(1e-4), actreg.DeCov(1e-4)],
-    "VarianceFloor": lambda: actreg.VarianceFloor(1.0),
+CONFIGS: dict[str, Callable[[int], PenaltySpec]] = {
+    "L1": lambda d: actreg.L1(1e-4),
+    "L2": lambda d: actreg.L2(1e-4),
+    "AR": lambda d: actreg.AR(1e-4),
+    "L1+DeCov": lambda d: [actreg.L1(1e-4), actreg.DeCov(1e-4)],
+    "VarianceFloor": lambda d: actreg.VarianceFloor(1.0),
+    # routers: the layer's d outputs are taken as the logits of d experts
+    "LoadBalance": lambda d: actreg.LoadBalance(d, 2, 1e-2),
+    "LoadBalance-sigmoid": lambda d: actreg.LoadBalance(d, 2, 1e-2, score="sigmoid"),
+    "SequenceBalance": lambda d: actreg.SequenceBalance(d, 2, 1e-4, SEQUENCES),
+    "SequenceBalance-sigmoid": lambda d: actreg.SequenceBalance(d, 2, 1e-4, SEQUENCES, score="sigmoid"),
 }
-"""Penalty of every regularized layer, by configuration name (a fresh instance per layer)."""
+"""Penalty of every regularized layer of width ``d``, by configuration name (a fresh instance per layer)."""
 
-BUDGETS: dict[str, int] = {"L1": 16, "L2": 16, "AR": 16, "L1+DeCov": 36, "VarianceFloor": 32}
+SEQUENCES = 8
+"""``SequenceBalance`` configurations: the batch is ``SEQUENCES`` sequences of ``batch / SEQUENCES``
+positions; their layers are fed by ``reg.observe(name, output, sequence=ids)`` from a forward hook
+(sequence indices do not reach module hooks), ``ids`` each position's sequence."""
+
+BUDGETS: dict[str, int] = {
+    "L1": 16,
+    "L2": 16,
+    "AR": 16,
+    "L1+DeCov": 36,
+    "VarianceFloor": 32,
+    "LoadBalance": 40,
+    "LoadBalance-sigmoid": 42,
+    "SequenceBalance": 58,  # issue 13: at most 2x LoadBalance's (tests/test_moe.py checks the ratio)
+    "SequenceBalance-sigmoid": 60,
+}
 """Committed budget: top-level aten ops added per regularized layer per step."""
 
 FIXED_BUDGET = 30
 """Committed budget: the step's fixed part -- pack, collective, decisions (and the centring shifts)
 -- in top-level aten ops per step, whatever the number of layers."""
 
-VALUE_BUDGETS: dict[str, int] = {"L1": 16, "L2": 16, "AR": 17, "L1+DeCov": 52, "VarianceFloor": 55}
+VALUE_BUDGETS: dict[str, int] = {
+    "L1": 16,
+    "L2": 16,
+    "AR": 17,
+    "L1+DeCov": 52,
+    "VarianceFloor": 55,
+    "LoadBalance": 28,
+    "LoadBalance-sigmoid": 28,
+    "SequenceBalance": 36,
+    "SequenceBalance-sigmoid": 36,
+}
 """Committed budget: ops of the penalty values (forward + backward), evaluated once per *kind* of
 penalty for all layers together; also independent of the number of layers."""
 
@@ -88,11 +118,42 @@ def build_model(layers: int, width: int) -> nn.Sequential:
     return build(layers, width)  # the model of bench_step.py
 
 
-def penalties(config: str, layers: int) -> dict[str, PenaltySpec]:
+def penalties(config: str, layers: int, width: int = 512) -> dict[str, PenaltySpec]:
     """The penalties dict of ``config``: every ReLU output (``"1"``, ``"3"``, ...) regularized."""
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; known: {list(CONFIGS)}")
-    return {str(2 * i + 1): CONFIGS[config]() for i in range(layers)}
+    return {str(2 * i + 1): CONFIGS[config](width) for i in range(layers)}
+
+
+def regularize(
+    model: nn.Sequential, config: str, layers: int, width: int, batch: int
+) -> tuple[actreg.ActivityRegularizer, Callable[[], None]]:
+    """``config``'s regularizer on ``model`` (``sync="global"``) and what removes it.
+
+    ``SequenceBalance`` layers are observed names fed by a forward hook on each layer with every
+    position's sequence index (``SEQUENCES`` contiguous sequences).
+    """
+    spec = penalties(config, layers, width)
+    if not config.startswith("SequenceBalance"):
+        reg = actreg.ActivityRegularizer(model, spec, sync="global")
+        return reg, reg.remove
+    reg = actreg.ActivityRegularizer(model, spec, sync="global", observed=list(spec))
+    ids = torch.arange(batch) * SEQUENCES // batch
+
+    def feed(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            reg.observe(name, output, sequence=ids)
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(feed(name)) for name in spec]
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+        reg.remove()
+
+    return reg, remove
 
 
 @dataclass(frozen=True)
@@ -215,14 +276,13 @@ def profile_step(
 ) -> tuple[OpCounts, profile]:
     """Op counts of one step (``config=None``: the baseline) and the profile they came from."""
     model = build_model(layers, width)
-    reg = None
-    if config is not None:
-        reg = actreg.ActivityRegularizer(model, penalties(config, layers), sync="global")
+    if config is None:
+        return _profile(model, None, batch, width)
+    reg, remove = regularize(model, config, layers, width, batch)
     try:
         return _profile(model, reg, batch, width)
     finally:
-        if reg is not None:
-            reg.remove()
+        remove()
 
 
 def value_ops(config: str, layers: int, width: int = 512, batch: int = 128) -> int:
@@ -233,7 +293,7 @@ def value_ops(config: str, layers: int, width: int = 512, batch: int = 128) -> i
     with the same kind of penalty is evaluated in the same ops.
     """
     model = build_model(layers, width)
-    reg = actreg.ActivityRegularizer(model, penalties(config, layers), sync="global")
+    reg, remove = regularize(model, config, layers, width, batch)
     try:
         x = torch.randn(batch, width, generator=torch.Generator().manual_seed(0))
         for _ in range(2):
@@ -248,7 +308,7 @@ def value_ops(config: str, layers: int, width: int = 512, batch: int = 128) -> i
             evaluator.total(wire, None).backward(grad)
         return sum(e.top_level for e in events_of(prof))
     finally:
-        reg.remove()
+        remove()
 
 
 @cache

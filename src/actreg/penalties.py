@@ -208,19 +208,29 @@ class KLSparsity(Penalty):
         return torch.where(n > 0, self.weight * kl.sum(-1), 0.0)
 
 
-class LoadBalance(Penalty):
-    """Switch/GShard load-balancing loss on router logits ``[..., num_experts]``.
+#: router scores ``LoadBalance``/``SequenceBalance`` accept, and how each turns logits into ``p_ie``
+SCORES = ("softmax", "sigmoid")
 
-    ``weight * E * sum_e f_e P_e`` with ``f_e = (top-k assignments to e) / (n k)`` (not
-    differentiable) and ``P_e = sum_i softmax(x_i)_e / n``. ``num_experts``: an integer >= 1,
-    equal to the router logits' last dimension (checked when they are recorded); ``top_k``: an
-    integer in [1, num_experts]; ``weight``: a finite number >= 0.
-    """
 
-    _batchable = True
-    _constant: ClassVar[frozenset[str]] = frozenset({"count", "assigned"})
+def _score_parameter(penalty: str, score: object) -> str:
+    if not isinstance(score, str) or score not in SCORES:
+        raise ValueError(
+            f"{penalty}: score must be one of {list(SCORES)} (how router logits become the "
+            f"probabilities p_ie: 'softmax' as Switch/GShard/Mixtral, 'sigmoid' as DeepSeek-V3, "
+            f"sigmoid scores normalised over the experts of each token), got {score!r}"
+        )
+    return score
 
-    def __init__(self, num_experts: int, top_k: int, weight: float) -> None:
+
+class _Router:
+    """What ``LoadBalance`` and ``SequenceBalance`` share: the router's scores and its top-k choice."""
+
+    num_experts: int
+    top_k: int
+    weight: float
+    score: str
+
+    def _init_router(self, num_experts: int, top_k: int, weight: float, score: str) -> None:
         name = type(self).__name__
         self.num_experts = int_parameter(name, "num_experts", num_experts, 1)
         self.top_k = int_parameter(name, "top_k", top_k, 1)
@@ -230,12 +240,60 @@ class LoadBalance(Penalty):
                 f"num_experts={self.num_experts} (a token cannot be routed to more experts than exist)"
             )
         self.weight = real_parameter(name, "weight", weight)
+        self.score = _score_parameter(name, score)
+
+    def _router_hyperparameters(self, extra: dict[str, Any]) -> dict[str, Any]:
+        # the default score is left out, so that reprs (compared across ranks, kept in checkpoints
+        # and logs) read as before score= existed
+        out = {"num_experts": self.num_experts, "top_k": self.top_k, "weight": self.weight, **extra}
+        if self.score != "softmax":
+            out["score"] = self.score
+        return dict(sorted(out.items()))
 
     def check_features(self, d: int) -> None:
         if d != self.num_experts:
             raise ValueError(
-                f"LoadBalance(num_experts={self.num_experts}) got router logits with {d} features"
+                f"{type(self).__name__}(num_experts={self.num_experts}) got router logits with {d} "
+                "features: the last dimension of what it records must be the number of experts"
             )
+
+    def _probabilities(self, x: Tensor) -> Tensor:
+        """``p_ie`` of router logits ``x`` ``[..., E]``: softmax, or sigmoid / its sum over experts."""
+        if self.score == "softmax":
+            return torch.softmax(x, dim=-1)
+        # sigmoid(x_e) / sum_j sigmoid(x_j) = softmax(log sigmoid(x))_e: two ops each way, no 0/0
+        return torch.softmax(torch.nn.functional.logsigmoid(x), dim=-1)
+
+    def _chosen(self, x: Tensor) -> Tensor:
+        """Indices ``[..., k]`` of each token's top-k experts (no gradient).
+
+        Taken on the logits: both scores are increasing functions of them, so the choice is the
+        top-k of the scores. (An expert bias added to the scores for the choice only -- DeepSeek-V3's
+        aux-loss-free balancing -- goes here: ``topk(scores + bias)``.)
+        """
+        return torch.topk(x.detach(), self.top_k, dim=-1).indices
+
+
+class LoadBalance(_Router, Penalty):
+    """Switch/GShard load-balancing loss on router logits ``[..., num_experts]``.
+
+    ``weight * E * sum_e f_e P_e`` with ``f_e = (top-k assignments to e) / (n k)`` (not
+    differentiable) and ``P_e = sum_i p_ie / n``, over the ``n`` kept positions (tokens) of the
+    global batch. ``num_experts``: an integer >= 1, equal to the router logits' last dimension
+    (checked when they are recorded); ``top_k``: an integer in [1, num_experts]; ``weight``: a finite
+    number >= 0; ``score``: ``"softmax"`` (default; ``p_i = softmax(x_i)``, Switch, GShard,
+    Mixtral, Qwen) or ``"sigmoid"`` (DeepSeek-V3: ``p_ie = sigmoid(x_ie) / sum_j sigmoid(x_ij)``).
+    Each token's top-k experts are chosen on the same scores.
+    """
+
+    _batchable = True
+    _constant: ClassVar[frozenset[str]] = frozenset({"count", "assigned"})
+
+    def __init__(self, num_experts: int, top_k: int, weight: float, score: str = "softmax") -> None:
+        self._init_router(num_experts, top_k, weight, score)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return self._router_hyperparameters({})
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"assigned": (d,), "prob_sum": (d,), "count": ()}
@@ -246,8 +304,8 @@ class LoadBalance(Penalty):
     def record(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
         x, keep = _masked(x, mask)
         lead = tuple(range(x.dim() - 1))
-        probs = torch.softmax(x, dim=-1)
-        chosen = torch.topk(x.detach(), self.top_k, dim=-1).indices
+        probs = self._probabilities(x)
+        chosen = self._chosen(x)
         votes = torch.ones_like(chosen, dtype=x.dtype)
         if keep is not None:
             probs = torch.where(keep.unsqueeze(-1), probs, 0.0)
@@ -262,6 +320,92 @@ class LoadBalance(Penalty):
         f = stats["assigned"] / (n * self.top_k)
         p = stats["prob_sum"] / n
         return self.weight * self.num_experts * (f * p).sum(-1)
+
+
+class SequenceBalance(_Router, Penalty):
+    """Sequence-wise load balance (DeepSeek-V3's complementary loss, Megatron's ``seq_aux_loss``).
+
+    ``weight * (1/S) sum_s E sum_e f_se P_se``: ``LoadBalance``'s ``E sum_e f_e P_e`` taken over the
+    tokens of each sequence ``s`` alone -- ``f_se = (top-k assignments of s's tokens to e) / (n_s k)``
+    (not differentiable), ``P_se = sum_{i in s} p_ie / n_s``, ``n_s`` the kept tokens of ``s`` --
+    then averaged over the ``S`` sequences that have a kept token in the step (of the global batch:
+    every rank of the group).
+
+    Each token's sequence is given as its **global** sequence index in ``[0, num_sequences)``:
+    ``reg.observe(name, logits, mask, sequence=ids)`` with ``ids`` an integer tensor that broadcasts
+    over the positions of ``logits`` (``[batch, 1]`` or ``[batch, time]`` for ``[batch, time, E]``).
+    The statistics are rows indexed by that number, summed over every rank by the step's one
+    collective, so a sequence split over context-parallel ranks (each holding a slice of its tokens)
+    gets its statistics summed before the per-sequence product: the value and the gradients are
+    those of one process holding every sequence whole. Two ranks must use the same index for the
+    same sequence and different indices for different ones (e.g. ``dp_rank * sequences_per_rank +
+    b`` for the ``b``-th sequence of a data-parallel rank, the same on its context-parallel peers).
+
+    ``num_sequences``: an integer >= 1, at least the number of sequences in a step's global batch
+    (rows without tokens do not count in ``S``); the statistics take ``num_sequences * (2E + 1)``
+    values of the step's buffer. A kept token whose index lies outside ``[0, num_sequences)`` makes
+    the step's statistics NaN (``NonFiniteStatisticError``, or a skipped step with
+    ``nonfinite="skip"``), decided on the device. ``num_experts``, ``top_k``, ``weight``, ``score``:
+    as for :class:`LoadBalance`. In ``ema`` mode the rows average by index across steps.
+    """
+
+    _batchable = True
+    _constant: ClassVar[frozenset[str]] = frozenset({"count", "assigned"})
+    _sequence_input = True  # record_sequences(x, mask, sequence), fed by reg.observe(..., sequence=)
+
+    def __init__(
+        self, num_experts: int, top_k: int, weight: float, num_sequences: int, score: str = "softmax"
+    ) -> None:
+        self._init_router(num_experts, top_k, weight, score)
+        self.num_sequences = int_parameter(type(self).__name__, "num_sequences", num_sequences, 1)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return self._router_hyperparameters({"num_sequences": self.num_sequences})
+
+    def statistic_shapes(self, d: int) -> Shapes:
+        s = self.num_sequences
+        return {"assigned": (s, d), "prob_sum": (s, d), "count": (s,)}
+
+    def record(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+        raise ValueError(
+            f"{self!r} needs each token's global sequence index: feed the router logits with "
+            "reg.observe(name, logits, mask, sequence=ids), ids an integer tensor over the positions"
+        )
+
+    def record_sequences(self, x: Tensor, mask: Tensor | None, sequence: Tensor) -> dict[str, Tensor]:
+        """Per-sequence statistics of router logits ``x`` ``[..., E]``; ``sequence``: each
+        position's global sequence index (broadcast over ``x.shape[:-1]``)."""
+        x, keep = _masked(x, mask)
+        e, rows = x.shape[-1], self.num_sequences
+        seq = sequence.to(device=x.device).expand(x.shape[:-1]).reshape(-1)
+        probs = self._probabilities(x).reshape(-1, e)
+        chosen = self._chosen(x).reshape(-1, self.top_k)
+        inside = seq.clamp(0, rows - 1)
+        bad = inside != seq
+        weight = torch.ones_like(seq, dtype=x.dtype)
+        if keep is not None:
+            kept = keep.reshape(-1)
+            probs = torch.where(kept.unsqueeze(-1), probs, 0.0)
+            weight = kept.to(x.dtype)
+            bad = bad & kept
+        # a kept token outside [0, num_sequences): NaN statistics, decided on the device (no sync)
+        counts = torch.where(bad, math.nan, weight)
+        count = torch.zeros(rows, dtype=x.dtype, device=x.device).index_add_(0, inside, counts)
+        prob_sum = torch.zeros(rows, e, dtype=x.dtype, device=x.device).index_add(0, inside, probs)
+        cells = (inside * e).unsqueeze(-1) + chosen
+        votes = weight.unsqueeze(-1).expand(-1, self.top_k)
+        assigned = torch.zeros(rows * e, dtype=x.dtype, device=x.device)
+        assigned.index_add_(0, cells.reshape(-1), votes.reshape(-1))
+        return {"assigned": assigned.view(rows, e), "prob_sum": prob_sum, "count": count}
+
+    def value(self, stats: Stats) -> Tensor:
+        n = stats["count"]  # [..., S]
+        per_token = _per_unit(nonzero(n))
+        f = stats["assigned"] / (per_token * self.top_k)
+        p = stats["prob_sum"] / per_token
+        present = (n > 0).to(n.dtype).sum(-1)
+        per_sequence = (f * p).sum((-2, -1))  # (empty rows add 0)
+        return self.weight * self.num_experts * per_sequence / nonzero(present)
 
 
 class ZLoss(Penalty):

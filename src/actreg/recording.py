@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .compiling import guard_hooks, hooks_guarded
 from .layout import Layout
+from .penalty import Penalty
 from .positions import position_mask, require_bool_mask
 from .shifts import Shifts
 from .slots import match_glob
@@ -54,6 +55,14 @@ class Recorder:
         self._specs: dict[tuple[int, int, int, int | None], BlockSpec] = {}
         self._warned: set[int] = set()
         self._checked: set[tuple[int, int]] = set()
+        for slot in layout.slots:
+            takes = [p for p in slot.penalties if getattr(p, "_sequence_input", False)]
+            if slot.from_module and takes:
+                raise ValueError(
+                    f"{takes[0]!r} on module {slot.name!r}: sequence indices reach it only through "
+                    f"reg.observe({slot.name!r}, logits, mask, sequence=ids); list {slot.name!r} in "
+                    "observed=[...] and observe the router logits (e.g. from a forward hook)"
+                )
         # a graph compiled before these hooks existed must not be reused for these modules
         guard_hooks(reset=True, modules=[modules[s.name] for s in layout.slots if s.from_module])
         self._handles = [
@@ -131,7 +140,9 @@ class Recorder:
         self._records = Records()
 
     # ------------------------------------------------------------------ statistics
-    def record(self, index: int, x: Tensor, mask: Tensor | None) -> None:
+    def record(self, index: int, x: Tensor, mask: Tensor | None, sequence: Tensor | None = None) -> None:
+        """``sequence``: each position's global sequence index, for penalties that take it
+        (``SequenceBalance``; ``reg.observe(..., sequence=)``)."""
         # a mask from reg.observe (those of reg.mask were checked on entry): a TypeError at the call
         if mask is not None and getattr(mask, "dtype", None) is not torch.bool:
             require_bool_mask(mask, f"reg.observe({self.layout.slots[index].name!r}, tensor, mask)")
@@ -142,14 +153,14 @@ class Recorder:
             if index not in self.recorded_last_step:
                 self._warn_unrecorded(index)
             keep = position_mask(x, mask)
-            self._block(index, x, keep, self.shifts.last_step.get(index), 0)
+            self._block(index, x, keep, self.shifts.last_step.get(index), 0, sequence)
             return
         rows = self._records.positions.get(index, 0)
         try:
             self._check(index, x)
             keep = None if mask is None else position_mask(x, mask)
             shift = self.shifts.for_recording(index, x, keep, self._acc(x))
-            block = self._block(index, x, keep, shift, rows)
+            block = self._block(index, x, keep, shift, rows, sequence)
         except Exception as err:
             self.fail(index, f"{type(err).__name__}: {err}")
             return
@@ -166,7 +177,15 @@ class Recorder:
     def _acc(self, x: Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None else torch.promote_types(x.dtype, torch.float32)
 
-    def _block(self, index: int, x: Tensor, keep: Tensor | None, shift: Tensor | None, row: int) -> Tensor:
+    def _block(
+        self,
+        index: int,
+        x: Tensor,
+        keep: Tensor | None,
+        shift: Tensor | None,
+        row: int,
+        sequence: Tensor | None = None,
+    ) -> Tensor:
         d = x.shape[-1]
         capacity = self.layout.rows.get(index, 0)
         opened = self.layout.open_rows(index, d, row + x.numel() // d)  # (first step: rows, not the Gram)
@@ -198,7 +217,10 @@ class Recorder:
                     source = xa
                 if p.centered and shift is not None:
                     source = source - shift.to(source)
-                stats = p.record(source, keep)
+                if getattr(p, "_sequence_input", False) and sequence is not None:
+                    stats = p.record_sequences(source, keep, sequence)  # type: ignore[attr-defined]
+                else:
+                    stats = p.record(source, keep)
                 expected = p.statistic_shapes(d)
                 if set(stats) != set(expected):
                     raise ValueError(
@@ -245,6 +267,25 @@ class Recorder:
             "use_reentrant=False (supported), or reg.observe() its output outside the checkpoint.",
             RuntimeWarning,
             stacklevel=4,
+        )
+
+
+def check_sequence(name: str, sequence: object, penalties: tuple[Penalty, ...]) -> None:
+    """``reg.observe(name, ..., sequence=)``: an integer tensor, for a slot that takes it."""
+    if (
+        not isinstance(sequence, Tensor)
+        or sequence.is_floating_point()
+        or sequence.is_complex()
+        or sequence.dtype is torch.bool
+    ):
+        raise TypeError(
+            f"reg.observe({name!r}, tensor, mask, sequence=...): sequence must be an integer tensor of "
+            f"each position's global sequence index, got {_describe(sequence)}"
+        )
+    if not any(getattr(p, "_sequence_input", False) for p in penalties):
+        raise ValueError(
+            f"reg.observe({name!r}, ..., sequence=...): none of the penalties of {name!r} "
+            f"({', '.join(map(repr, penalties))}) takes sequence indices; only SequenceBalance does"
         )
 
 

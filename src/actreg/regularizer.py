@@ -19,7 +19,7 @@ from .layout import Layout
 from .metrics import nonfinite_message, step_metrics
 from .modes import mode
 from .penalty import Penalty
-from .recording import Recorder, Records
+from .recording import Recorder, Records, check_sequence
 from .shifts import Shifts
 from .slots import build_slots, named_modules, unwrap
 from .state import check_state_dict
@@ -155,19 +155,25 @@ class ActivityRegularizer(Joinable):
         """Names of the regularized slots (modules, then observed names), in buffer order."""
         return [s.name for s in self.layout.slots]
 
-    def observe(self, name: str, tensor: Tensor, mask: Tensor | None = None) -> None:
+    def observe(
+        self, name: str, tensor: Tensor, mask: Tensor | None = None, *, sequence: Tensor | None = None
+    ) -> None:
         """Record ``tensor`` (``[..., d]``) for the penalties registered under ``name``.
 
         ``mask`` (bool, broadcastable over the positions ``tensor.shape[:-1]``) drops positions
-        where it is False from every statistic. Several calls in one step accumulate.
+        where it is False from every statistic. ``sequence`` (an integer tensor broadcastable over
+        the positions): each position's *global* sequence index, for ``SequenceBalance``; the other
+        penalties of the slot ignore it. Several calls in one step accumulate.
         """
         if name not in self._names:
             raise ValueError(
                 f"reg.observe({name!r}): no penalties are registered under that name; "
                 f"known names: {self.slot_names}"
             )
+        if sequence is not None:
+            check_sequence(name, sequence, self.recorder.layout.slots[self._names[name]].penalties)
         if torch.is_grad_enabled() and (self._root.training or self.record_eval):
-            self.recorder.record(self._names[name], tensor, mask)
+            self.recorder.record(self._names[name], tensor, mask, sequence)
 
     @contextlib.contextmanager
     def mask(self, mask: Tensor | None, modules: str = "*") -> Iterator[None]:
