@@ -229,6 +229,15 @@ def test_sequence_balance_misuse_is_reported() -> None:
         reg.check()
 
     reg = _observed(actreg.SequenceBalance(EXPERTS, 1, 1.0, 2))
+    reg.observe("router", x, sequence=torch.zeros(3, dtype=torch.long))  # [3] over positions [2, 3]: fine
+    reg.observe("router", x, sequence=torch.zeros(2, dtype=torch.long))
+    reg.loss()
+    with pytest.raises(
+        actreg.RecordingError, match=r"sequence of shape \(2,\) does not broadcast over the positions"
+    ):
+        reg.check()
+
+    reg = _observed(actreg.SequenceBalance(EXPERTS, 1, 1.0, 2))
     keep = torch.tensor([[True, True, True], [True, False, True]])
     ids = torch.tensor([[0, 1, 1], [1, 7, 0]])  # 7 is out of range, but masked: fine
     reg.observe("router", x, keep, sequence=ids)
@@ -238,3 +247,92 @@ def test_sequence_balance_misuse_is_reported() -> None:
     assert reg.loss().item() == 0.0
     with pytest.raises(actreg.NonFiniteStatisticError):
         reg.check()
+
+
+def _row_sums(x: Tensor, mask: Tensor, ids: Tensor, rows: int, kind: str) -> dict[str, Tensor]:
+    """Per sequence index: kept tokens, top-k choices per expert, summed scores (float64, by loops)."""
+    n = torch.zeros(rows, dtype=x.dtype)
+    a = torch.zeros(rows, x.shape[-1], dtype=x.dtype)
+    p = torch.zeros(rows, x.shape[-1], dtype=x.dtype)
+    for s in range(rows):
+        t = x[mask & (ids == s)]
+        n[s] = len(t)
+        if len(t):
+            top = torch.topk(scores(t, kind), TOP_K, dim=-1).indices
+            a[s] = torch.stack([(top == j).sum() for j in range(x.shape[-1])]).to(x.dtype)
+            p[s] = scores(t, kind).sum(0)
+    return {"n": n, "a": a, "p": p}
+
+
+def test_sequence_balance_ema_state_and_checkpointing() -> None:
+    """``ema``: the moving average of the rows (by index), the value of the average (rows ever used
+    count in S); the state round-trips; a non-reentrant activation checkpoint around the router and
+    its ``observe`` records once and gives the same gradient."""
+    decay, rows, weight = 0.6, 4, 0.7
+    g = torch.Generator().manual_seed(9)
+    router = nn.Linear(3, EXPERTS).double()
+    reg = _observed(
+        actreg.SequenceBalance(EXPERTS, TOP_K, weight, rows, score="sigmoid"), sync="ema", decay=decay
+    )
+    avg: dict[str, Tensor] | None = None
+    for step in range(3):
+        x = torch.randn(3, 5, 3, generator=g, dtype=torch.float64)
+        mask = torch.rand(3, 5, generator=g) > 0.3
+        ids = torch.tensor([[step % 2], [2], [3 if step else 2]])  # row 1 joins at step 1
+
+        def forward(inp: Tensor, mask: Tensor = mask, ids: Tensor = ids) -> Tensor:
+            logits = router(inp)
+            reg.observe("router", logits, mask, sequence=ids)
+            return logits
+
+        logits = torch.utils.checkpoint.checkpoint(forward, x, use_reentrant=False)
+        got = reg.loss()
+        (got + 0.0 * logits.sum()).backward()
+        grad = [p.grad.clone() for p in router.parameters()]
+        router.zero_grad()
+
+        s = _row_sums(router(x), mask, ids.expand(3, 5), rows, "sigmoid")
+        avg = {
+            k: (1 - decay) * v if avg is None else decay * avg[k].detach() + (1 - decay) * v
+            for k, v in s.items()
+        }
+        n = avg["n"].clamp_min(1e-300).unsqueeze(-1)
+        per_row = EXPERTS * ((avg["a"] / (n * TOP_K)) * (avg["p"] / n)).sum(-1)
+        want = weight * per_row.sum() / (avg["n"] > 0).sum()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        ref = torch.autograd.grad(want, list(router.parameters()))
+        for a, b in zip(grad, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    state = reg.state_dict()
+    again = _observed(
+        actreg.SequenceBalance(EXPERTS, TOP_K, weight, rows, score="sigmoid"), sync="ema", decay=decay
+    )
+    again.load_state_dict(state)
+    loaded = again.state_dict()
+    assert loaded["ema"]["router"]["SequenceBalance"]["count"].shape == (rows,)
+    torch.testing.assert_close(loaded["ema"], state["ema"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_sequence_balance_is_megatrons_seq_aux_loss(score: str) -> None:
+    """Megatron-Core's ``seq_aux_loss`` (sequence-first logits ``[S, B, E]``, scores reshaped to
+    ``[S, B*E]``, ``switch_load_balancing_loss_func(...) / B``) equals ``SequenceBalance(E, k, c, B)``
+    with ``sequence = arange(B)`` over the batch dimension."""
+    S, B, E, k, c = 7, 3, 6, 2, 1e-2
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(S, B, E, generator=g, dtype=torch.float64, requires_grad=True)
+    if score == "softmax":
+        probs = torch.softmax(logits, dim=-1)
+    else:  # Megatron's sigmoid router: scores normalised for the aux loss (eps left out here)
+        probs = torch.sigmoid(logits) / torch.sigmoid(logits).sum(-1, keepdim=True)
+    routing_map = torch.zeros(S, B, E, dtype=torch.bool).scatter(-1, torch.topk(probs, k).indices, True)
+    tokens_per_expert = routing_map.reshape(S, B * E).sum(0).to(logits.dtype)  # per (sequence, expert)
+    aggregated = probs.reshape(S, B * E).sum(0)
+    megatron = (aggregated * tokens_per_expert).sum() * E * c / (k * S * S) / B
+    reg = _observed(actreg.SequenceBalance(E, k, c, B, score=score))
+    reg.observe("router", logits, sequence=torch.arange(B).unsqueeze(0))  # [1, B] over [S, B]
+    got = reg.loss()
+    torch.testing.assert_close(got, megatron, rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, logits)[0], torch.autograd.grad(megatron, logits)[0], rtol=1e-10, atol=1e-15
+    )

@@ -377,7 +377,13 @@ class SequenceBalance(_Router, Penalty):
         position's global sequence index (broadcast over ``x.shape[:-1]``)."""
         x, keep = _masked(x, mask)
         e, rows = x.shape[-1], self.num_sequences
-        seq = sequence.to(device=x.device).expand(x.shape[:-1]).reshape(-1)
+        try:
+            seq = torch.broadcast_to(sequence.to(x.device), x.shape[:-1]).reshape(-1)
+        except RuntimeError as err:
+            raise ValueError(
+                f"sequence of shape {tuple(sequence.shape)} does not broadcast over the positions "
+                f"{tuple(x.shape[:-1])} of router logits of shape {tuple(x.shape)}"
+            ) from err
         probs = self._probabilities(x).reshape(-1, e)
         chosen = self._chosen(x).reshape(-1, self.top_k)
         inside = seq.clamp(0, rows - 1)
