@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.profiler import ProfilerActivity, profile
 
 import actreg
 
@@ -76,7 +77,7 @@ def _train(rank: int, names: list[str], dp_rank: int, dp_size: int, cp_rank: int
         opt = torch.optim.SGD(router.parameters(), lr=LR)
         net = DDP(router)
         reg = actreg.ActivityRegularizer(net, {"router": make_penalty(name)}, observed=["router"])
-        losses, grads = [], []
+        losses, grads, collectives = [], [], []
         for step in range(STEPS):
             x, mask = batch(step)
             x, mask = x[start:stop, tokens], mask[start:stop, tokens]
@@ -84,14 +85,16 @@ def _train(rank: int, names: list[str], dp_rank: int, dp_size: int, cp_rank: int
             opt.zero_grad()
             logits = net(x)
             reg.observe("router", logits, mask, **({"sequence": ids} if name.startswith("seq") else {}))
-            loss = reg.loss()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                loss = reg.loss()
+            collectives.append([e.name for e in prof.events() if e.name.startswith("c10d::")])
             (loss + 0.0 * logits.sum()).backward()  # every parameter takes part, as DDP expects
             losses.append(loss.item())
             grads.append([p.grad.detach().numpy().copy() for p in router.parameters()])
             opt.step()
         reg.check()
         reg.remove()
-        out[name] = {"loss": losses, "grads": grads}
+        out[name] = {"loss": losses, "grads": grads, "collectives": collectives}
     return out
 
 

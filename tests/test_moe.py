@@ -80,6 +80,8 @@ def _compare(ranks: list, names: list[str], where: str) -> None:
         for got in ranks:
             at = f"{name} {where} rank {got['rank']}"
             np.testing.assert_allclose(got[name]["loss"], ref["loss"], rtol=RTOL, atol=ATOL, err_msg=at)
+            if len(ranks) > 1:  # after the first step's agreement: the step's one all_reduce, nothing else
+                assert got[name]["collectives"][1:] == [["c10d::allreduce_"]] * (STEPS - 1), (at, got[name])
             for step in range(STEPS):
                 for i, (g, r) in enumerate(zip(got[name]["grads"][step], ref["grads"][step], strict=True)):
                     np.testing.assert_allclose(
