@@ -38,3 +38,34 @@ def late_float64_reference(step: int) -> float:
     std = (x.var(0, unbiased=True) + 1e-4).sqrt()
     return float(0.7 * x.square().sum() / n + 1.3 * torch.relu(5.0 - std).mean())
 
+
+
+def local_resume(rank: int, world_size: int) -> dict[str, list[float]]:
+    """``sync="local"``: slot ``side`` first runs after the first step, on rank 0 only, before a
+    checkpoint, so each rank's ``state_dict()["dims"]`` differs; every rank reloads its own state
+    into a fresh regularizer and continues. Returns the losses of the uninterrupted run and of the
+    resumed one."""
+
+    def make() -> actreg.ActivityRegularizer:
+        return actreg.ActivityRegularizer(
+            torch.nn.Identity(),
+            {"side": [actreg.L2(0.5), actreg.VarianceFloor(1.0, gamma=5.0)]},
+            observed=["side"],
+            sync="local",
+        )
+
+    def step(reg: actreg.ActivityRegularizer, i: int) -> float:
+        if i >= 2 or (i == 1 and rank == 0):
+            reg.observe("side", late_batch(i)[3 * rank : 3 * rank + 3])
+        value = float(reg.loss().detach())
+        reg.check()
+        return value
+
+    reg = make()
+    whole = [step(reg, i) for i in range(4)]
+    first = make()
+    resumed = [step(first, i) for i in (0, 1)]
+    second = make()
+    second.load_state_dict(first.state_dict())
+    resumed += [step(second, i) for i in (2, 3)]
+    return {"whole": whole, "resumed": resumed}

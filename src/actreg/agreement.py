@@ -31,6 +31,7 @@ class Proposal:
     dtype: str  #: statistics dtype this rank would use
     shifts: dict[int, tuple[float, list[float]]] = field(default_factory=dict)  #: (count, own shift)
     positions: dict[int, int] = field(default_factory=dict)  #: rows recorded per slot (masked too)
+    loaded_dims: list[tuple[int, int]] = field(default_factory=list)  #: of a loaded state (slot, d)
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,13 @@ def propose(reg: ActivityRegularizer, records: Records) -> Proposal:
             if reg.weights is not None
             else None
         ),
-        "loaded_dims": sorted(reg.recorder.loaded_dims.items()),
+        # a loaded state's sizes are the same on every rank in global/ema (the state is); in local
+        # mode each rank saved its own (the sizes it had seen), so they are not compared there
+        "loaded_dims": sorted(reg.recorder.loaded_dims.items()) if reg.mode.communicates else None,
     }
     dims = [reg.recorder.seen.get(i) for i in range(len(reg.layout.slots))]
-    return Proposal(description, dims, str(dtype), shifts, dict(records.positions))
+    loaded = sorted(reg.recorder.loaded_dims.items())
+    return Proposal(description, dims, str(dtype), shifts, dict(records.positions), loaded)
 
 
 def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout) -> Agreement:
@@ -151,7 +155,7 @@ def agree(exchange: Exchange, mine: Proposal, communicate: bool, layout: Layout)
     # a loaded state's sizes (compared above, so the same on every rank) for slots that did not
     # run in this step: their moving average is laid out now and decays like the saved run's
     # (a mismatch with what a rank records later is a RecordingError naming the loaded state)
-    for index, d in mine.description["loaded_dims"]:  # type: ignore[attr-defined]
+    for index, d in mine.loaded_dims:
         dims.setdefault(index, d)
     dtype = torch.float32
     for p in everyone:
