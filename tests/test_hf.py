@@ -43,3 +43,45 @@ def test_example_runs(pools) -> None:
     assert ranks[0]["global_balance"] == ranks[1]["global_balance"]
     assert all(np.isfinite(ranks[0]["global_balance"]))
     assert ranks[0]["rank_balance"] != ranks[1]["rank_balance"]
+
+
+@pytest.mark.parametrize("family", sorted(cases.FAMILIES))
+def test_every_family_balances_the_global_batch(pools, family: str) -> None:
+    """``hf.load_balance(model.config)`` on each transformers family that computes
+    ``load_balancing_loss_func``: actreg's value on 2 ranks (3 + 2 padded sequences) equals the
+    float64 formula on the concatenated batch, and so the model's own auxiliary loss there (float32
+    inside transformers) and what the model adds to its loss (float32 cross-entropy around it)."""
+    ranks = pools[2].run(cases.family_balance, family, timeout=300)
+    ref = ranks[0]["reference"]
+    assert [r["rows"] for r in ranks] == [3, 2]
+    assert ranks[0]["layers"] == cases.FAMILIES[family][3]  # the layers this family pools
+    for r in ranks:
+        assert r["actreg"] == pytest.approx(ref, rel=1e-6)  # some families route in float32
+    assert ranks[0]["own"] == pytest.approx(ref, rel=1e-5)
+    assert ranks[0]["added"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_qwen2_moe_ddp_gradient_equals_float64(pools) -> None:
+    """Qwen2-MoE (``num_experts``, a shared expert, a router every second layer): the DDP-averaged
+    gradient of actreg's balance equals the float64 gradient on the concatenated batch."""
+    ranks = pools[2].run(cases.family_balance, "qwen2_moe", True, timeout=300)
+    ref_grad = ranks[0]["reference_grad"]
+    assert np.linalg.norm(ref_grad) > 0
+    for r in ranks:
+        assert r["actreg"] == pytest.approx(ranks[0]["reference"], rel=1e-12)
+        assert relative(r["actreg_grad"], ref_grad) < 1e-10
+
+
+@pytest.mark.parametrize("model_type", ["doge", "switch_transformers", "nllb_moe"])
+def test_families_with_another_loss_are_refused(model_type: str) -> None:
+    """Doge (product keys), Switch Transformers and NLLB-MoE (a mean of per-sequence balances) have
+    the settings' names but not the formula: a ``TypeError`` that says so, not a wrong penalty."""
+    from types import SimpleNamespace
+
+    from actreg.integrations import hf
+
+    config = SimpleNamespace(
+        model_type=model_type, num_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.01
+    )
+    with pytest.raises(TypeError, match="not the pooled balance"):
+        hf.load_balance(config)
