@@ -229,6 +229,8 @@ class _Router:
     top_k: int
     weight: float
     score: str
+    #: the recorder passes the slot's expert bias (``bias=``) to ``record``/``record_sequences``
+    _routes: ClassVar[bool] = True
 
     def _init_router(self, num_experts: int, top_k: int, weight: float, score: str) -> None:
         name = type(self).__name__
@@ -264,14 +266,23 @@ class _Router:
         # sigmoid(x_e) / sum_j sigmoid(x_j) = softmax(log sigmoid(x))_e: two ops each way, no 0/0
         return torch.softmax(torch.nn.functional.logsigmoid(x), dim=-1)
 
-    def _chosen(self, x: Tensor) -> Tensor:
+    def _scores(self, x: Tensor) -> Tensor:
+        """The scores an expert bias is added to: ``softmax(x)`` or ``sigmoid(x)`` (DeepSeek-V3's
+        affinities ``s_ie``, not normalised: the bias is added before any normalisation)."""
+        return torch.softmax(x, dim=-1) if self.score == "softmax" else torch.sigmoid(x)
+
+    def _chosen(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """Indices ``[..., k]`` of each token's top-k experts (no gradient).
 
-        Taken on the logits: both scores are increasing functions of them, so the choice is the
-        top-k of the scores. (An expert bias added to the scores for the choice only -- DeepSeek-V3's
-        aux-loss-free balancing -- goes here: ``topk(scores + bias)``.)
+        Without ``bias``, taken on the logits: both scores are increasing functions of them, so the
+        choice is the top-k of the scores. With an expert ``bias`` ``[E]`` (:class:`ExpertBias`,
+        DeepSeek-V3's aux-loss-free balancing), ``topk(scores(x) + bias)``: the bias moves the choice
+        only, never the probabilities ``p_ie``.
         """
-        return torch.topk(x.detach(), self.top_k, dim=-1).indices
+        x = x.detach()
+        if bias is None:
+            return torch.topk(x, self.top_k, dim=-1).indices
+        return torch.topk(self._scores(x) + bias.to(x.device), self.top_k, dim=-1).indices
 
 
 class LoadBalance(_Router, Penalty):
@@ -301,11 +312,11 @@ class LoadBalance(_Router, Penalty):
     def statistics(self, x: Tensor) -> dict[str, Tensor]:
         return self.record(x, None)
 
-    def record(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+    def record(self, x: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> dict[str, Tensor]:
         x, keep = _masked(x, mask)
         lead = tuple(range(x.dim() - 1))
         probs = self._probabilities(x)
-        chosen = self._chosen(x)
+        chosen = self._chosen(x, bias)
         votes = torch.ones_like(chosen, dtype=x.dtype)
         if keep is not None:
             probs = torch.where(keep.unsqueeze(-1), probs, 0.0)
@@ -366,13 +377,15 @@ class SequenceBalance(_Router, Penalty):
         s = self.num_sequences
         return {"assigned": (s, d), "prob_sum": (s, d), "count": (s,)}
 
-    def record(self, x: Tensor, mask: Tensor | None) -> dict[str, Tensor]:
+    def record(self, x: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> dict[str, Tensor]:
         raise ValueError(
             f"{self!r} needs each token's global sequence index: feed the router logits with "
             "reg.observe(name, logits, mask, sequence=ids), ids an integer tensor over the positions"
         )
 
-    def record_sequences(self, x: Tensor, mask: Tensor | None, sequence: Tensor) -> dict[str, Tensor]:
+    def record_sequences(
+        self, x: Tensor, mask: Tensor | None, sequence: Tensor, bias: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Per-sequence statistics of router logits ``x`` ``[..., E]``; ``sequence``: each
         position's global sequence index (broadcast over ``x.shape[:-1]``)."""
         x, keep = _masked(x, mask)
@@ -385,7 +398,7 @@ class SequenceBalance(_Router, Penalty):
                 f"{tuple(x.shape[:-1])} of router logits of shape {tuple(x.shape)}"
             ) from err
         probs = self._probabilities(x).reshape(-1, e)
-        chosen = self._chosen(x).reshape(-1, self.top_k)
+        chosen = self._chosen(x, bias).reshape(-1, self.top_k)
         inside = seq.clamp(0, rows - 1)
         bad = inside != seq
         weight = torch.ones_like(seq, dtype=x.dtype)
@@ -412,6 +425,78 @@ class SequenceBalance(_Router, Penalty):
         present = (n > 0).to(n.dtype).sum(-1)
         per_sequence = (f * p).sum((-2, -1))  # (empty rows add 0)
         return self.weight * self.num_experts * per_sequence / nonzero(present)
+
+
+#: bias updates ``ExpertBias`` accepts (see its docstring)
+BIAS_UPDATES = ("sign", "centred")
+
+
+class ExpertBias(_Router, Penalty):
+    """Aux-loss-free balancing (DeepSeek-V3 §2.1.2): an expert bias ``b`` ``[num_experts]`` per
+    router, added to the router scores for the top-k choice only, moved once per optimizer step by
+    the token counts of the whole window. No loss: its value is 0.
+
+    Register it on the router's slot, e.g. ``{"router": [ExpertBias(8, 2), LoadBalance(8, 2, 1e-4)]}``
+    (one per slot; its glob may match many routers: each slot keeps its own bias). The model routes
+    with ``reg.route(name, logits)`` (the indices of ``topk(scores + b)``) or adds
+    ``reg.expert_bias(name)`` to its scores itself; every router penalty of the slot
+    (``LoadBalance``, ``SequenceBalance``) records the same biased choice.
+
+    Statistics: ``load_e`` (``"assigned"``), the top-k assignments of the kept tokens to expert
+    ``e``, summed over the ranks by the step's one collective and over the ``loss()`` calls of the
+    window on the device. ``reg.update_bias()`` (or the optimizer hook of ``reg.attach(optimizer)``)
+    then applies, with ``L = sum_e load_e`` and ``E = num_experts``::
+
+        sign:    b_e += rate * sign(L/E - load_e)                          (DeepSeek-V3, Megatron)
+        centred: d_e  = rate * sign(L/E - load_e);  b_e += d_e - mean_j d_j     (torchtitan)
+
+    ``num_experts``: an integer >= 1 (the logits' last dimension); ``top_k``: in [1, num_experts];
+    ``rate``: a finite number >= 0 (DeepSeek-V3's bias update speed γ = 1e-3); ``update``: ``"sign"``
+    or ``"centred"``; ``score``: the scores the bias is added to, ``"softmax"`` (``softmax(x)``) or
+    ``"sigmoid"`` (``sigmoid(x)``, DeepSeek-V3's affinities).
+    """
+
+    _batchable = True
+    _constant: ClassVar[frozenset[str]] = frozenset({"assigned"})
+
+    def __init__(
+        self, num_experts: int, top_k: int, rate: float = 1e-3, update: str = "sign", score: str = "softmax"
+    ) -> None:
+        self._init_router(num_experts, top_k, 0.0, score)
+        name = type(self).__name__
+        self.rate = real_parameter(name, "rate", rate)
+        if not isinstance(update, str) or update not in BIAS_UPDATES:
+            raise ValueError(
+                f"{name}: update must be one of {list(BIAS_UPDATES)} ('sign': b += rate * sign(mean load "
+                f"- load), DeepSeek-V3; 'centred': the same step minus its mean over experts, "
+                f"torchtitan), got {update!r}"
+            )
+        self.update = update
+
+    def hyperparameters(self) -> dict[str, Any]:
+        out = self._router_hyperparameters({"rate": self.rate})
+        del out["weight"]
+        if self.update != "sign":
+            out["update"] = self.update
+        return dict(sorted(out.items()))
+
+    def statistic_shapes(self, d: int) -> Shapes:
+        return {"assigned": (d,)}
+
+    def statistics(self, x: Tensor) -> dict[str, Tensor]:
+        return self.record(x, None)
+
+    def record(self, x: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> dict[str, Tensor]:
+        x, keep = _masked(x, mask)
+        chosen = self._chosen(x, bias)
+        votes = torch.ones_like(chosen, dtype=x.dtype)
+        if keep is not None:
+            votes = votes * keep.unsqueeze(-1)
+        assigned = torch.zeros(x.shape[-1], dtype=x.dtype, device=x.device)
+        return {"assigned": assigned.index_add_(0, chosen.reshape(-1), votes.reshape(-1))}
+
+    def value(self, stats: Stats) -> Tensor:
+        return stats["assigned"].sum(-1) * 0.0  # no loss (NaN statistics still show)
 
 
 class ZLoss(Penalty):

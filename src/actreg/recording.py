@@ -49,6 +49,7 @@ class Recorder:
         self.record_eval = False  #: record modules in eval() mode too
         self.loaded_dims: dict[int, int] = {}  #: feature sizes of a loaded state (slot index -> d)
         self.recorded_last_step: set[int] = set()
+        self.biases: dict[int, Tensor] = {}  #: slot index -> its expert bias (ExpertBias), live views
         self._records = Records()
         self._masks: list[tuple[Tensor | None, frozenset[str]]] = []  #: mask, names of the slots it masks
         self._matched = {"*": frozenset(s.name for s in layout.slots)}  #: reg.mask(modules=) -> names
@@ -205,6 +206,7 @@ class Recorder:
         if not own:
             return block
         pieces = [block]
+        bias = self.biases.get(index)
         # their backward may turn a failed step's zero gradient into NaN at a non-finite x
         x = FiniteGradient.apply(x)
         xa: Tensor | None = x if x.dtype == acc else None
@@ -217,10 +219,12 @@ class Recorder:
                     source = xa
                 if p.centered and shift is not None:
                     source = source - shift.to(source)
+                # the slot's expert bias (ExpertBias) moves every router penalty's top-k choice
+                routed = {"bias": bias} if bias is not None and getattr(p, "_routes", False) else {}
                 if getattr(p, "_sequence_input", False) and sequence is not None:
-                    stats = p.record_sequences(source, keep, sequence)  # type: ignore[attr-defined]
+                    stats = p.record_sequences(source, keep, sequence, **routed)  # type: ignore[attr-defined]
                 else:
-                    stats = p.record(source, keep)
+                    stats = p.record(source, keep, **routed)
                 expected = p.statistic_shapes(d)
                 if set(stats) != set(expected):
                     raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from .agreement import settle
 from .ema import MovingAverage
 from .exchange import Exchange, Exchanged, Packer
+from .expert_bias import ExpertBiases, router_figures
 from .joining import ShadowStep, arrange
 from .layout import Layout
 from .metrics import nonfinite_message, step_metrics
@@ -133,6 +135,8 @@ class ActivityRegularizer(Joinable):
         self.recorder = Recorder(self.layout, named_modules(self._root), self.shifts)
         self.recorder.dtype = stats_dtype
         self.recorder.record_eval = self.record_eval
+        self.biases = ExpertBiases(self.layout, _device_of(self._root))  # ExpertBias routers
+        self.recorder.biases = {i: self.biases.bias(i) for i in self.biases.routers}
         self.ema = MovingAverage(self.layout, self.decay)
         self.verdicts = Verdicts(nonfinite, self.slot_names)
         self._exchange: Exchange | None = None
@@ -279,6 +283,8 @@ class ActivityRegularizer(Joinable):
             if self.mode.moving_average:
                 self.ema.commit(stats, ok)
             old = self.shifts.update(wire, used, ok)
+            if self.biases:  # the reduced top-k counts join the window of the expert biases
+                self.biases.add(wire, ok)
             if self.mode.moving_average and old is not None:
                 self.ema.recenter(self.shifts.delta(old), sorted(used))
             self._steps += 1
@@ -289,6 +295,95 @@ class ActivityRegularizer(Joinable):
         self._last = (wire, ok)
         if self._next_rows:
             self.layout.rows, self._next_rows = self._next_rows, {}
+
+    # ------------------------------------------------------------------ expert bias (ExpertBias)
+    def expert_bias(self, name: str) -> Tensor:
+        """The expert bias ``b`` ``[E]`` of router ``name`` (a slot with an :class:`ExpertBias`).
+
+        Add it to the router scores for the top-k choice only (not to the gating weights)::
+
+            idx = torch.topk(scores + reg.expert_bias("layers.3.router"), k).indices
+
+        with ``scores = softmax(logits)`` or ``sigmoid(logits)`` as the ``ExpertBias``'s ``score``
+        (:meth:`route` does exactly this). The tensor is live (float32, no gradient, identical on
+        every rank): :meth:`update_bias` moves it in place, so holding it across steps is fine.
+        """
+        index = self._names.get(name)
+        if index is None or index not in self.biases.routers:
+            routers = [self.slot_names[i] for i in self.biases.routers]
+            raise ValueError(
+                f"reg.expert_bias({name!r}): no ExpertBias is registered under that name; routers with "
+                f"one: {routers} (register actreg.ExpertBias(num_experts, top_k) on the router's slot)"
+            )
+        return self.biases.bias(index)
+
+    def route(self, name: str, logits: Tensor) -> Tensor:
+        """Indices ``[..., k]`` of each token's top-k experts under router ``name``'s expert bias:
+        ``topk(scores(logits) + b, k)``, the very choice its penalties record (no gradient).
+
+        Gate with the unbiased scores: ``w = scores.gather(-1, idx)`` (DeepSeek-V3 normalises them).
+        """
+        bias = self.expert_bias(name)
+        penalty = self.biases.routers[self._names[name]][1]
+        acc = torch.promote_types(logits.dtype, torch.float32)  # as recorded: no float32 copy lost
+        return penalty._chosen(logits.to(acc), bias)
+
+    def update_bias(self) -> None:
+        """Move every expert bias once, from the counts of the window: all ``loss()`` calls since
+        the last update (every micro-batch, every rank). Call it once per optimizer step, after
+        ``optimizer.step()`` -- or call :meth:`attach` once instead. No communication, no host read.
+
+        ``b_e += rate * sign(L/E - load_e)`` (``update="sign"``), minus its mean over the experts
+        with ``update="centred"``; see :class:`actreg.ExpertBias`. Records not yet taken by a
+        ``loss()`` stay for the next window (a warning: ``loss()`` belongs before the step).
+        """
+        if self.biases.attached is not None:
+            raise RuntimeError(
+                "reg.update_bias(): this regularizer is attached to an optimizer (reg.attach), whose "
+                "step already updates the expert biases; calling it too would update them twice"
+            )
+        self._update_bias()
+
+    def _update_bias(self) -> None:
+        if not self.biases:
+            raise ValueError(
+                "no ExpertBias is registered: there is no expert bias to update (register "
+                "actreg.ExpertBias(num_experts, top_k) on a router's slot)"
+            )
+        if self.recorder._records.blocks:
+            warnings.warn(
+                "actreg: the expert biases were updated while records of a forward wait for reg.loss(); "
+                "their counts go to the next window. Call reg.loss() before optimizer.step().",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self.biases.update()
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Update the expert biases after every ``optimizer.step()`` (a step post-hook): the
+        once-per-optimizer-step trigger of :meth:`update_bias`, not to be mixed with calling it.
+        Returns the hook's handle (``handle.remove()`` detaches). Attach once per regularizer."""
+        if self.biases.attached is not None:
+            raise ValueError("reg.attach(optimizer): already attached; the biases must move once per step")
+        if not self.biases:
+            raise ValueError(
+                "reg.attach(optimizer): no ExpertBias is registered, so there is nothing to update "
+                "(register actreg.ExpertBias(num_experts, top_k) on a router's slot)"
+            )
+        biases = self.biases
+
+        def hook(opt: Any, args: Any, kwargs: Any) -> None:
+            self._update_bias()
+
+        inner = optimizer.register_step_post_hook(hook)
+
+        class _Handle:
+            def remove(self) -> None:
+                inner.remove()
+                biases.attached = None
+
+        biases.attached = _Handle()
+        return biases.attached
 
     def check(self) -> None:
         """Raise, on every rank, what the last :meth:`loss` decided on the device.
@@ -366,7 +461,10 @@ class ActivityRegularizer(Joinable):
         in ``local`` mode; 0 for a skipped step), ``"<slot>/count"``, ``"<slot>/mean_abs"``,
         ``"<slot>/rms"``, ``"<slot>/active_fraction"``, ``"<slot>/dead_units"`` (of the current
         step's global batch, or of the local shard in ``local`` mode), ``"total"``, and with
-        ``nonfinite="skip"`` ``"skipped_steps"``. Reads the device (call it when you log).
+        ``nonfinite="skip"`` ``"skipped_steps"``. Routers with an :class:`ExpertBias` add
+        ``"<slot>/max_violation"`` (MaxVio = ``max_e load_e / mean_e load_e - 1``) and
+        ``"<slot>/dead_experts"`` (experts no token chose), from the reduced top-k counts of the
+        last ``loss()`` (its global batch). Reads the device (call it when you log).
         """
         self.check()
         if self._last is None:
@@ -374,6 +472,9 @@ class ActivityRegularizer(Joinable):
         wire, ok = self._last
         skipped = None if self.nonfinite != "skip" else 0.0 if self._skipped is None else float(self._skipped)
         out = step_metrics(self.layout, *self._current_values(wire), wire, bool(ok), skipped)
+        for index, counts in self.biases.counts(wire).items():  # ExpertBias routers: MaxVio, dead
+            for key, v in router_figures(counts).items():
+                out[f"{self.slot_names[index]}/{key}"] = v
         if self.weights is not None and self._last_weights is not None:
             values = self._last_weights * self.weights.coefficients(wire.dtype, wire.device)
             figures = values.tolist() if bool(ok) else [0.0] * len(self.weights)
@@ -398,10 +499,12 @@ class ActivityRegularizer(Joinable):
         ``ema`` maps slot name -> penalty label -> statistic -> tensor of *global* sums, so it
         does not depend on the world size; ``shift`` maps slot name -> the shift around which its
         centred statistics are taken (see :mod:`actreg.centering`); ``dims`` maps slot name -> the
-        feature size of each slot that has run.
+        feature size of each slot that has run; with :class:`ExpertBias` routers, ``"expert_bias"``
+        maps each one's slot name -> its bias ``[E]`` (the window of counts is not kept: save after
+        the optimizer step's bias update).
         """
         self.check()
-        return {
+        state = {
             "version": 1,
             "sync": self.sync,
             "decay": self.decay,
@@ -414,6 +517,9 @@ class ActivityRegularizer(Joinable):
                 if (size := d or self.recorder.loaded_dims.get(i)) is not None
             },
         }
+        if self.biases:  # {router slot: its expert bias [E]}
+            state["expert_bias"] = self.biases.state()
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (saved at any world size).
@@ -429,7 +535,9 @@ class ActivityRegularizer(Joinable):
             decay=self.decay,
             moving_average=self.mode.moving_average,
         )
+        biases = self.biases.check(state_dict.get("expert_bias"))
         self.ema.load(loaded.ema, loaded.step)
+        self.biases.load(biases)
         self.shifts.load(loaded.shift)
         self.recorder.loaded_dims = dict(loaded.dims)
 
@@ -446,3 +554,10 @@ class ActivityRegularizer(Joinable):
     def __repr__(self) -> str:
         slots = ", ".join(f"{s.name}: {list(s.penalties)}" for s in self.layout.slots)
         return f"ActivityRegularizer(sync={self.sync!r}, slots={{{slots}}})"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's first parameter (or buffer) lives; the CPU for a model with neither."""
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")

@@ -28,7 +28,7 @@ from .layout import Layout
 Nested = dict[str, dict[str, dict[str, Tensor]]]
 
 REQUIRED = ("version", "sync", "decay", "step", "ema", "shift")
-OPTIONAL = ("dims",)
+OPTIONAL = ("dims", "expert_bias")  # expert_bias: validated by actreg.expert_bias
 
 
 @dataclass(frozen=True)
