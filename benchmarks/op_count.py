@@ -9,8 +9,9 @@ Definition (deterministic: it counts dispatched ops, it does not time them):
   outputs (modules ``"1"``, ``"3"``, ...): ``penalties = {str(2 * i + 1): penalty for i in range(L)}``,
   ``sync="global"`` (a single rank without a process group).
 - One step, in three profiled phases: ``forward`` (``out = model(x)``), ``loss``
-  (``cross_entropy(out, y) + reg.loss()``) and ``backward`` (``loss.backward()``). Gradients are
-  set to ``None`` before each step, outside the phases. The baseline is the same model and task
+  (``cross_entropy(out, y) + reg.loss()``) and ``backward`` (``loss.backward()``, then, for
+  configurations with an ``ExpertBias``, ``reg.update_bias()``: every step is an optimizer step).
+  Gradients are set to ``None`` before each step, outside the phases. The baseline is the same model and task
   loss without actreg.
 - An op counts if it is a ``torch.profiler`` CPU event named ``aten::*`` none of whose ancestors in
   the event tree is an ``aten::`` op (a *top-level* op: what Python code or the autograd engine
@@ -65,6 +66,8 @@ CONFIGS: dict[str, Callable[[int], PenaltySpec]] = {
     "LoadBalance-sigmoid": lambda d: actreg.LoadBalance(d, 2, 1e-2, score="sigmoid"),
     "SequenceBalance": lambda d: actreg.SequenceBalance(d, 2, 1e-4, SEQUENCES),
     "SequenceBalance-sigmoid": lambda d: actreg.SequenceBalance(d, 2, 1e-4, SEQUENCES, score="sigmoid"),
+    "ExpertBias": lambda d: actreg.ExpertBias(d, 2),
+    "ExpertBias+LoadBalance": lambda d: [actreg.ExpertBias(d, 2), actreg.LoadBalance(d, 2, 1e-2)],
 }
 """Penalty of every regularized layer of width ``d``, by configuration name (a fresh instance per layer)."""
 
@@ -83,6 +86,8 @@ BUDGETS: dict[str, int] = {
     "LoadBalance-sigmoid": 42,
     "SequenceBalance": 58,  # issue 13: at most 2x LoadBalance's (tests/test_moe.py checks the ratio)
     "SequenceBalance-sigmoid": 60,
+    "ExpertBias": 24,  # the biased top-k and its counts (no loss)
+    "ExpertBias+LoadBalance": 56,
 }
 """Committed budget: top-level aten ops added per regularized layer per step."""
 
@@ -100,6 +105,8 @@ VALUE_BUDGETS: dict[str, int] = {
     "LoadBalance-sigmoid": 28,
     "SequenceBalance": 36,
     "SequenceBalance-sigmoid": 36,
+    "ExpertBias": 6,
+    "ExpertBias+LoadBalance": 32,
 }
 """Committed budget: ops of the penalty values (forward + backward), evaluated once per *kind* of
 penalty for all layers together; also independent of the number of layers."""
@@ -256,6 +263,8 @@ def _profile(
                 loss = loss + reg.loss()
         with mark("backward"):
             loss.backward()
+            if reg is not None and reg.biases:  # ExpertBias: the update of an optimizer step
+                reg.update_bias()
 
     for _ in range(WARMUP_STEPS):
         step(None)
@@ -298,14 +307,18 @@ def value_ops(config: str, layers: int, width: int = 512, batch: int = 128) -> i
         x = torch.randn(batch, width, generator=torch.Generator().manual_seed(0))
         for _ in range(2):
             model(x)
-            reg.loss().backward()
+            loss = reg.loss()
+            if loss.requires_grad:  # (ExpertBias alone: no loss, nothing to differentiate)
+                loss.backward()
         assert reg._last is not None
         wire = reg._last[0].clone().requires_grad_(True)
         evaluator = reg._values(wire.dtype, wire.device)
         total = evaluator.total(wire, None)
         grad = torch.ones_like(total)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            evaluator.total(wire, None).backward(grad)
+            again = evaluator.total(wire, None)
+            if again.requires_grad:  # (ExpertBias alone: a constant 0, no backward)
+                again.backward(grad)
         return sum(e.top_level for e in events_of(prof))
     finally:
         remove()

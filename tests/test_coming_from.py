@@ -239,6 +239,50 @@ def test_megatron_load_balance_and_z_loss_per_router_layer():
     _assert_same(reg.loss(), megatron, [logits])
 
 
+def test_megatron_global_aux_loss_router_gradient_is_one_over_dp_of_actreg(pools):
+    """Megatron's ``global_aux_loss`` (counts all-reduced, probabilities local, loss added on each
+    rank, DDP averaging) against actreg's ``LoadBalance`` at the same coefficient on 2 and 3 ranks:
+    the values summed over the ranks are the same global loss, but Megatron's router gradient is
+    1/DP of that loss's gradient (Megatron-LM issue #3672); actreg's is the gradient itself."""
+    from dist_cases_coming_from import global_aux_loss_gradients, global_tokens, make_router
+
+    tokens, E, k, c = 12, 4, 2, 0.01
+    for world in (2, 3):
+        results = pools[world].run(global_aux_loss_gradients, tokens, E, k, c, timeout=120)
+        router = make_router(E)  # float64 on the concatenated global batch, one process
+        probs = torch.softmax(router(global_tokens(0, 0, tokens)), -1)
+        counts = torch.sum(_one_hot(torch.topk(probs, k, dim=-1).indices, E), (0, 1))
+        f, P = counts / (tokens * k), torch.sum(probs, 0) / tokens
+        expected = c * E * torch.sum(f * P)  # Switch / Megatron aux_loss on the whole batch
+        grads = [g.numpy() for g in torch.autograd.grad(expected, list(router.parameters()))]
+        megatron_total = sum(r["megatron_value"] for r in results)
+        assert megatron_total == pytest.approx(expected.item(), rel=1e-6)  # float32 counts, exact
+        for res in results:
+            assert res["actreg_value"] == pytest.approx(expected.item(), rel=1e-10)
+            for ours, theirs, exact in zip(res["actreg_grad"], res["megatron_grad"], grads, strict=True):
+                np.testing.assert_allclose(ours, exact, rtol=1e-9, atol=1e-13)
+                np.testing.assert_allclose(theirs * world, exact, rtol=1e-9, atol=1e-13)  # DP x
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_expert_bias_is_torchtitans_centred_and_deepseeks_sign_update(pools, world):
+    """``ExpertBias(update="centred")`` moves the bias as torchtitan's ``_update_expert_bias`` and
+    ``update="sign"`` as DeepSeek-V3 / Megatron's ``get_updated_expert_bias``, from the same global
+    counts (2 micro-batches per step, uneven and empty shards), routing with its own bias each step."""
+    from dist_cases_coming_from import bias_updates
+
+    results = pools[world].run(bias_updates, 6, 2, 1e-3, 4, 2, timeout=120)
+    for update in ("centred", "sign"):
+        for res in results:
+            got = res[update]
+            assert all(got["same_choice"])
+            np.testing.assert_allclose(got["actreg"], got["reference"], rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(got["actreg"], results[0][update]["actreg"], rtol=0, atol=0)
+        assert np.abs(np.asarray(results[0][update]["actreg"][-1])).max() > 0  # the biases moved
+    centred = np.asarray(results[0]["centred"]["actreg"])
+    np.testing.assert_allclose(centred.sum(-1), 0.0, atol=1e-9)  # torchtitan's keeps a zero mean
+
+
 # --- DeCov and sparse autoencoders -------------------------------------------------------------
 
 
