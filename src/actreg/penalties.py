@@ -222,6 +222,10 @@ def _score_parameter(penalty: str, score: object) -> str:
     return score
 
 
+#: where ``LoadBalance`` takes ``f`` from (see its docstring)
+WINDOW_COUNTS = ("batch", "window")
+
+
 class _Router:
     """What ``LoadBalance`` and ``SequenceBalance`` share: the router's scores and its top-k choice."""
 
@@ -295,16 +299,38 @@ class LoadBalance(_Router, Penalty):
     number >= 0; ``score``: ``"softmax"`` (default; ``p_i = softmax(x_i)``, Switch, GShard,
     Mixtral, Qwen) or ``"sigmoid"`` (DeepSeek-V3: ``p_ie = sigmoid(x_ie) / sum_j sigmoid(x_ij)``).
     Each token's top-k experts are chosen on the same scores.
+
+    ``counts``: where ``f`` comes from. ``"batch"`` (default): the step's global batch, as above.
+    ``"window"`` (Qwen's Algorithm 1 with a buffer, Megatron's ``global_aux_loss``): under gradient
+    accumulation, ``f_e = W_e / (N k)`` from the reduced counts of every ``loss()`` of the optimizer
+    step's window so far (this one included; every rank), ``W_e`` its top-k assignments to ``e``
+    and ``N`` its kept tokens, while ``P_e`` stays that of the current ``loss()``'s global batch. The
+    window is a device tensor kept by the regularizer and closed by ``reg.update_bias()`` or the
+    hook of ``reg.attach(optimizer)`` (once per optimizer step); no graph is kept across ``loss()``
+    calls. See docs/accumulation.md.
     """
 
     _batchable = True
     _constant: ClassVar[frozenset[str]] = frozenset({"count", "assigned"})
 
-    def __init__(self, num_experts: int, top_k: int, weight: float, score: str = "softmax") -> None:
+    def __init__(
+        self, num_experts: int, top_k: int, weight: float, score: str = "softmax", counts: str = "batch"
+    ) -> None:
         self._init_router(num_experts, top_k, weight, score)
+        if not isinstance(counts, str) or counts not in WINDOW_COUNTS:
+            raise ValueError(
+                f"{type(self).__name__}: counts must be one of {list(WINDOW_COUNTS)} ('batch': f from the "
+                "step's global batch; 'window': f from the counts of every loss() since the last "
+                f"optimizer step, reg.update_bias() / reg.attach(optimizer)), got {counts!r}"
+            )
+        self.counts = counts
+        #: statistics also read from the regularizer's window of reduced counts (``window_<name>``)
+        self._windowed: frozenset[str] = (
+            frozenset({"assigned", "count"}) if counts == "window" else frozenset()
+        )
 
     def hyperparameters(self) -> dict[str, Any]:
-        return self._router_hyperparameters({})
+        return self._router_hyperparameters({} if self.counts == "batch" else {"counts": self.counts})
 
     def statistic_shapes(self, d: int) -> Shapes:
         return {"assigned": (d,), "prob_sum": (d,), "count": ()}
@@ -328,7 +354,10 @@ class LoadBalance(_Router, Penalty):
 
     def value(self, stats: Stats) -> Tensor:
         n = _per_unit(nonzero(stats["count"]))
-        f = stats["assigned"] / (n * self.top_k)
+        if self.counts == "window":
+            f = stats["window_assigned"] / (_per_unit(nonzero(stats["window_count"])) * self.top_k)
+        else:
+            f = stats["assigned"] / (n * self.top_k)
         p = stats["prob_sum"] / n
         return self.weight * self.num_experts * (f * p).sum(-1)
 

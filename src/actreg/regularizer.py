@@ -28,6 +28,7 @@ from .state import check_state_dict
 from .values import Evaluator, build_groups
 from .verdicts import Verdicts
 from .weights import WeightPenalty, WeightTerms
+from .window import CountWindow
 
 
 class ActivityRegularizer(Joinable):
@@ -137,6 +138,7 @@ class ActivityRegularizer(Joinable):
         self.recorder.record_eval = self.record_eval
         self.biases = ExpertBiases(self.layout, _device_of(self._root))  # ExpertBias routers
         self.recorder.biases = {i: self.biases.bias(i) for i in self.biases.routers}
+        self.window = CountWindow(self.layout)  # LoadBalance(counts="window"): reduced counts so far
         self.ema = MovingAverage(self.layout, self.decay)
         self.verdicts = Verdicts(nonfinite, self.slot_names)
         self._exchange: Exchange | None = None
@@ -242,7 +244,8 @@ class ActivityRegularizer(Joinable):
                 weight_sums = weight_sums * (ex.world_size / contributing.clamp_min(1.0))
             wire = wire.narrow(0, 0, self.layout.size)
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
-        total = self._values(dtype, device).total(stats, batch_scale, ok)  # no NaN flows back
+        window = self.window.current(wire, ok) if self.window else None  # (counts="window")
+        total = self._values(dtype, device).total(stats, batch_scale, ok, window)  # no NaN flows back
         if weight_sums is not None:
             total = total + weight_sums @ self.weights.coefficients(dtype, device)  # type: ignore[union-attr]
             self._last_weights = weight_sums.detach()
@@ -285,6 +288,7 @@ class ActivityRegularizer(Joinable):
             old = self.shifts.update(wire, used, ok)
             if self.biases:  # the reduced top-k counts join the window of the expert biases
                 self.biases.add(wire, ok)
+            self.window.commit()  # (LoadBalance(counts="window"): the step joins the window)
             if self.mode.moving_average and old is not None:
                 self.ema.recenter(self.shifts.delta(old), sorted(used))
             self._steps += 1
@@ -333,6 +337,9 @@ class ActivityRegularizer(Joinable):
         the last update (every micro-batch, every rank). Call it once per optimizer step, after
         ``optimizer.step()`` -- or call :meth:`attach` once instead. No communication, no host read.
 
+        It closes the window of every windowed statistic: the expert biases' counts and those of
+        ``LoadBalance(counts="window")`` start afresh.
+
         ``b_e += rate * sign(L/E - load_e)`` (``update="sign"``), minus its mean over the experts
         with ``update="centred"``; see :class:`actreg.ExpertBias`. Records not yet taken by a
         ``loss()`` stay for the next window (a warning: ``loss()`` belongs before the step).
@@ -345,10 +352,11 @@ class ActivityRegularizer(Joinable):
         self._update_bias()
 
     def _update_bias(self) -> None:
-        if not self.biases:
+        if not self.biases and not self.window:
             raise ValueError(
-                "no ExpertBias is registered: there is no expert bias to update (register "
-                "actreg.ExpertBias(num_experts, top_k) on a router's slot)"
+                "no ExpertBias is registered, and no LoadBalance(counts='window'): there is no expert "
+                "bias to update and no window to close (register actreg.ExpertBias(num_experts, top_k) "
+                "on a router's slot, or give LoadBalance counts='window')"
             )
         if self.recorder._records.blocks:
             warnings.warn(
@@ -357,17 +365,21 @@ class ActivityRegularizer(Joinable):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        self.biases.update()
+        if self.biases:
+            self.biases.update()
+        self.window.close()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
         """Update the expert biases after every ``optimizer.step()`` (a step post-hook): the
-        once-per-optimizer-step trigger of :meth:`update_bias`, not to be mixed with calling it.
+        once-per-optimizer-step trigger of :meth:`update_bias`, not to be mixed with calling it
+        (it also closes the window of ``LoadBalance(counts="window")``).
         Returns the hook's handle (``handle.remove()`` detaches). Attach once per regularizer."""
         if self.biases.attached is not None:
             raise ValueError("reg.attach(optimizer): already attached; the biases must move once per step")
-        if not self.biases:
+        if not self.biases and not self.window:
             raise ValueError(
-                "reg.attach(optimizer): no ExpertBias is registered, so there is nothing to update "
+                "reg.attach(optimizer): no ExpertBias is registered, and no LoadBalance(counts='window'), "
+                "so there is nothing to update "
                 "(register actreg.ExpertBias(num_experts, top_k) on a router's slot)"
             )
         biases = self.biases
@@ -488,9 +500,9 @@ class ActivityRegularizer(Joinable):
         evaluator = self._values(wire.dtype, wire.device)
         with torch.no_grad():
             if self.mode.moving_average and self.ema.flat is not None:
-                values = evaluator.values(self.ema.flat, self.ema.scale())
+                values = evaluator.values(self.ema.flat, self.ema.scale(), self.window.last)
             else:
-                values = evaluator.values(wire, None)
+                values = evaluator.values(wire, None, self.window.last)
         return evaluator.order(), values
 
     def state_dict(self) -> dict[str, Any]:
@@ -538,6 +550,7 @@ class ActivityRegularizer(Joinable):
         biases = self.biases.check(state_dict.get("expert_bias"))
         self.ema.load(loaded.ema, loaded.step)
         self.biases.load(biases)
+        self.window.close()
         self.shifts.load(loaded.shift)
         self.recorder.loaded_dims = dict(loaded.dims)
 

@@ -93,8 +93,17 @@ class Evaluator:
         self._reads = tuple(r for plan in self._plans for r in plan.diff_reads)
         _mark_overlaps(self._reads)
 
-    def total(self, stats: Tensor, batch_scale: Tensor | None, ok: Tensor | None = None) -> Tensor:
+    def total(
+        self,
+        stats: Tensor,
+        batch_scale: Tensor | None,
+        ok: Tensor | None = None,
+        window: Tensor | None = None,
+    ) -> Tensor:
         """The sum of every penalty (a 0-d tensor).
+
+        ``window``: the reduced statistics of the accumulation window so far (the layout of
+        ``stats``, no gradient), read as ``window_<name>`` by penalties with ``_windowed`` names.
 
         With ``ok`` given, the gradient that reaches ``stats`` is zero where ``ok`` is False, even
         when the statistics were not finite (the values' own backward may then produce NaN).
@@ -105,17 +114,17 @@ class Evaluator:
         at = 0
         for plan in self._plans:
             n = len(plan.diff_reads)
-            v = plan.values(frozen, list(diff[at : at + n]), batch_scale)
+            v = plan.values(frozen, list(diff[at : at + n]), batch_scale, window)
             at += n
             v = v.sum() if v.dim() else v
             total = v if total is None else total + v
         return stats.new_zeros(()) if total is None else total
 
-    def values(self, stats: Tensor, batch_scale: Tensor | None) -> Tensor:
+    def values(self, stats: Tensor, batch_scale: Tensor | None, window: Tensor | None = None) -> Tensor:
         """The value of every penalty, in the order of :meth:`order` (``[P]``), without autograd."""
         with torch.no_grad():
             out = [
-                plan.values(stats, [r.view(stats) for r in plan.diff_reads], batch_scale).reshape(-1)
+                plan.values(stats, [r.view(stats) for r in plan.diff_reads], batch_scale, window).reshape(-1)
                 for plan in self._plans
             ]
         return torch.cat(out) if out else stats.new_zeros(0)
@@ -214,19 +223,30 @@ class _Plan:
         self.kinds: list[bool] = []  # per statistic: constant?
         self.diff_reads: list[_Read] = []
         self.const_reads: list[_Read] = []
-        for (name, shape, _), offsets in zip(group.stats, group.offsets, strict=True):
+        windowed: frozenset[str] = getattr(group.penalty, "_windowed", frozenset())
+        self.window_reads: list[tuple[str, _Read, float]] = []  #: (name, read, scale) of the window
+        for (name, shape, scale), offsets in zip(group.stats, group.offsets, strict=True):
             read = _Read(offsets, (group.k, *shape) if group.batched else tuple(shape), group.batched, device)
             (self.const_reads if name in constant else self.diff_reads).append(read)
             self.kinds.append(name in constant)
+            if name in windowed:
+                self.window_reads.append((name, read, scale))
         self.scales = None if group.scales is None else torch.tensor(group.scales, dtype=dtype, device=device)
 
-    def values(self, stats: Tensor, diff: list[Tensor], batch_scale: Tensor | None) -> Tensor:
+    def values(
+        self, stats: Tensor, diff: list[Tensor], batch_scale: Tensor | None, window: Tensor | None = None
+    ) -> Tensor:
         group = self.group
         const = [r.view(stats) for r in self.const_reads]  # `stats` carries no gradient here
         s: dict[str, Tensor] = {}
         for (name, _, read_scale), is_const in zip(group.stats, self.kinds, strict=True):
             t = (const if is_const else diff).pop(0)
             s[name] = t if read_scale == 1.0 else t * read_scale
+        for name, read, read_scale in self.window_reads:  # windowed penalties need a window
+            if window is None:
+                raise RuntimeError(f"{group.penalty!r} reads the accumulation window, which was not given")
+            w = read.view(window)
+            s["window_" + name] = w if read_scale == 1.0 else w * read_scale
         if batch_scale is not None and "count" in s:
             s[BATCH_COUNT] = s["count"] * batch_scale
         v = group.penalty.value(s)
