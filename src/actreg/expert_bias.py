@@ -18,7 +18,6 @@ biases, are each rank's own.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,9 +26,6 @@ from torch import Tensor
 
 from .layout import Layout
 from .penalties import ExpertBias, _Router
-
-#: ``loss()`` calls without a bias update after which a warning says that none is being made
-FORGOTTEN_AFTER = 512
 
 
 class ExpertBiases:
@@ -79,8 +75,6 @@ class ExpertBiases:
         self._centred = torch.tensor(centred, dtype=torch.bool, device=device)[self._router_of]
         self._any_centred = any(centred)
         self._reads: tuple[int, Tensor, Tensor] | None = None  #: (layout version, src, dst)
-        self.since_update = 0  #: loss() calls since the last update (host side)
-        self._warned = False
         self.attached: Any = None  #: the optimizer hook's handle, once ``reg.attach(optimizer)``
 
     def __bool__(self) -> bool:
@@ -120,20 +114,9 @@ class ExpertBiases:
             self.window = wire.new_zeros(self.flat.numel())
         src, dst = self._places(wire)
         self.window.index_add_(0, dst, torch.where(ok, wire.index_select(0, src), 0.0))
-        self.since_update += 1
-        if self.since_update == FORGOTTEN_AFTER and not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"actreg: {FORGOTTEN_AFTER} reg.loss() calls without an expert bias update; the biases "
-                "of ExpertBias do not move until you call reg.update_bias() once per optimizer step "
-                "(after optimizer.step()) or reg.attach(optimizer) once",
-                RuntimeWarning,
-                stacklevel=4,
-            )
 
     def update(self) -> None:
         """Apply the sign update to every bias from the window's counts; start a new window."""
-        self.since_update = 0
         if self.window is None:
             return  # no loss() since the last update: nothing counted, nothing moves
         with torch.no_grad():
@@ -192,7 +175,6 @@ class ExpertBiases:
                 self.bias(index).copy_(t)
             if self.window is not None:
                 self.window.zero_()
-        self.since_update = 0
 
 
 def router_figures(counts: Tensor) -> dict[str, float]:

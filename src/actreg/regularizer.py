@@ -28,7 +28,7 @@ from .state import check_state_dict
 from .values import Evaluator, build_groups
 from .verdicts import Verdicts
 from .weights import WeightPenalty, WeightTerms
-from .window import CountWindow
+from .window import FORGOTTEN_AFTER, CountWindow
 
 
 class ActivityRegularizer(Joinable):
@@ -139,6 +139,8 @@ class ActivityRegularizer(Joinable):
         self.biases = ExpertBiases(self.layout, _device_of(self._root))  # ExpertBias routers
         self.recorder.biases = {i: self.biases.bias(i) for i in self.biases.routers}
         self.window = CountWindow(self.layout)  # LoadBalance(counts="window"): reduced counts so far
+        self._since_update = 0  #: loss() calls since update_bias() closed the windows (host side)
+        self._warned_update = False
         self.ema = MovingAverage(self.layout, self.decay)
         self.verdicts = Verdicts(nonfinite, self.slot_names)
         self._exchange: Exchange | None = None
@@ -289,6 +291,8 @@ class ActivityRegularizer(Joinable):
             if self.biases:  # the reduced top-k counts join the window of the expert biases
                 self.biases.add(wire, ok)
             self.window.commit()  # (LoadBalance(counts="window"): the step joins the window)
+            if self.biases or self.window:
+                self._count_window_step()
             if self.mode.moving_average and old is not None:
                 self.ema.recenter(self.shifts.delta(old), sorted(used))
             self._steps += 1
@@ -299,6 +303,26 @@ class ActivityRegularizer(Joinable):
         self._last = (wire, ok)
         if self._next_rows:
             self.layout.rows, self._next_rows = self._next_rows, {}
+
+    def _count_window_step(self) -> None:
+        """One more ``loss()`` in the windows that :meth:`update_bias` closes; warn once when it
+        looks forgotten (``FORGOTTEN_AFTER`` calls without it)."""
+        self._since_update += 1
+        if self._since_update != FORGOTTEN_AFTER or self._warned_update:
+            return
+        self._warned_update = True
+        forgotten = []
+        if self.biases:
+            forgotten.append("an expert bias update (the biases of ExpertBias do not move)")
+        if self.window:
+            forgotten.append("closing the window of LoadBalance(counts='window') (its counts keep growing)")
+        warnings.warn(
+            f"actreg: {FORGOTTEN_AFTER} reg.loss() calls without {' or '.join(forgotten)}; call "
+            "reg.update_bias() once per optimizer step (after optimizer.step()) or "
+            "reg.attach(optimizer) once",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     # ------------------------------------------------------------------ expert bias (ExpertBias)
     def expert_bias(self, name: str) -> Tensor:
@@ -368,6 +392,7 @@ class ActivityRegularizer(Joinable):
         if self.biases:
             self.biases.update()
         self.window.close()
+        self._since_update = 0
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Any:
         """Update the expert biases after every ``optimizer.step()`` (a step post-hook): the
@@ -551,6 +576,7 @@ class ActivityRegularizer(Joinable):
         self.ema.load(loaded.ema, loaded.step)
         self.biases.load(biases)
         self.window.close()
+        self._since_update = 0
         self.shifts.load(loaded.shift)
         self.recorder.loaded_dims = dict(loaded.dims)
 

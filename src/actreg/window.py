@@ -13,14 +13,13 @@ counts move to their new places; it is not part of ``state_dict()`` (save after 
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from .layout import Layout
 
-#: ``loss()`` calls without closing the window after which a warning says that none is closed
+#: ``loss()`` calls without closing the window (``reg.update_bias()``) after which the regularizer
+#: warns that none is closed: the windows of ``LoadBalance(counts="window")`` and of ``ExpertBias``
 FORGOTTEN_AFTER = 512
 
 
@@ -37,8 +36,6 @@ class CountWindow:
         self._where: dict[tuple[int, str, str], tuple[int, int]] = {}  #: places in ``sums``
         self._pending: Tensor | None = None  #: what the current step read, committed by ``commit``
         self.last: Tensor | None = None  #: what the last committed step read (for its metrics)
-        self.since_close = 0
-        self._warned = False
 
     def __bool__(self) -> bool:
         return self.active
@@ -80,20 +77,9 @@ class CountWindow:
         if self._pending is None:
             return
         self.sums, self.last, self._pending = self._pending, self._pending, None
-        self.since_close += 1
-        if self.since_close == FORGOTTEN_AFTER and not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"actreg: {FORGOTTEN_AFTER} reg.loss() calls without closing the window of "
-                "LoadBalance(counts='window'); its counts keep growing until you call reg.update_bias() "
-                "once per optimizer step (after optimizer.step()) or reg.attach(optimizer) once",
-                RuntimeWarning,
-                stacklevel=4,
-            )
 
     def close(self) -> None:
         """Start a new window (once per optimizer step)."""
-        self.since_close = 0
         self._pending = None
         if self.sums is not None:  # (a new tensor: ``last`` keeps what the last step read)
             self.sums = torch.zeros_like(self.sums)
