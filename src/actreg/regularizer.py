@@ -18,6 +18,7 @@ from .exchange import Exchange, Exchanged, Packer
 from .expert_bias import ExpertBiases, router_figures
 from .joining import ShadowStep, arrange
 from .layout import Layout
+from .meshes import mesh_group
 from .metrics import nonfinite_message, step_metrics
 from .modes import mode
 from .penalty import Penalty
@@ -49,6 +50,18 @@ class ActivityRegularizer(Joinable):
         decay: EMA decay, used by ``sync="ema"``.
         process_group: the data-parallel group (default: the default group; none initialised
             means a single process).
+        mesh: instead of ``process_group``, a ``DeviceMesh`` with named dimensions; the group
+            and ``grad_scale`` are derived from ``split_dims`` and ``average_dims`` (see
+            :mod:`actreg.meshes`).
+        split_dims: with ``mesh``: the dimensions whose ranks hold different samples or tokens of
+            the global batch -- data, context, and tensor parallel when the recorded input is
+            sequence-parallel (split over its ranks); not tensor parallel with a replicated
+            activation. The group is this rank's ranks along them (a 1-D mesh: its dimension).
+        average_dims: with ``mesh``: the dimensions over which the gradient reduction *averages*
+            (DDP/FSDP); default ``split_dims``. A split dimension not listed is one whose
+            gradients are *summed* (Megatron's tensor-parallel reduction of a replicated
+            parameter under sequence parallelism). ``grad_scale`` is the product of the sizes of
+            the averaged split dimensions.
         observed: names recorded only through :meth:`observe` (activations that are not the
             output of a module, e.g. router logits inside a layer). A module of that name is then
             not hooked: its penalties see only what is observed.
@@ -92,6 +105,9 @@ class ActivityRegularizer(Joinable):
         sync: str = "global",
         decay: float = 0.99,
         process_group: Any = None,
+        mesh: Any = None,
+        split_dims: str | Sequence[str] | None = None,
+        average_dims: str | Sequence[str] | None = None,
         observed: Iterable[str] = (),
         grad_scale: float | None = None,
         stats_dtype: torch.dtype | None = None,
@@ -114,6 +130,20 @@ class ActivityRegularizer(Joinable):
             or not 0 < grad_scale < float("inf")
         ):
             raise ValueError(f"grad_scale must be a finite number > 0 (or None), got {grad_scale!r}")
+        if mesh is None and (split_dims is not None or average_dims is not None):
+            raise ValueError("split_dims= and average_dims= name dimensions of a DeviceMesh: give mesh= too")
+        if mesh is not None:
+            if process_group is not None:
+                raise ValueError(
+                    "give process_group= or mesh= (with split_dims=), not both: the group is derived "
+                    "from the mesh"
+                )
+            if grad_scale is not None and average_dims is not None:
+                raise ValueError(
+                    "give grad_scale= or average_dims=, not both: grad_scale is derived from them"
+                )
+            process_group, derived = mesh_group(mesh, split_dims, average_dims)
+            grad_scale = derived if grad_scale is None else grad_scale
         if nonfinite not in ("raise", "skip"):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if stats_dtype is not None and not stats_dtype.is_floating_point:
