@@ -92,7 +92,7 @@ def bounds(rank: int, world_size: int, micro: int) -> tuple[int, int]:
     return start, start + sizes[rank]
 
 
-def train(rank: int, world_size: int, names: list[str]) -> dict[str, Any]:
+def train(rank: int, world_size: int, names: list[str], sync: str = "global") -> dict[str, Any]:
     """Per case: the penalty of every ``loss()``, the router's accumulated (DDP-averaged) gradient
     at every optimizer step, the collectives of each ``loss()`` and of each step, the metric."""
     out: dict[str, Any] = {}
@@ -101,7 +101,9 @@ def train(rank: int, world_size: int, names: list[str]) -> dict[str, Any]:
         net = Net(checkpointed)
         ddp = DDP(net)
         opt = torch.optim.SGD(net.parameters(), lr=LR)
-        reg = actreg.ActivityRegularizer(ddp, {"router": [make_penalty(name)]}, observed=["router"])
+        reg = actreg.ActivityRegularizer(
+            ddp, {"router": [make_penalty(name)]}, observed=["router"], sync=sync
+        )
         net.reg = reg
         if trigger == "attach":
             reg.attach(opt)

@@ -115,6 +115,69 @@ def test_window_counts_values_and_ddp_gradients(pools, world_size: int) -> None:
             assert calls == wanted, name
 
 
+def expected_local(name: str, world_size: int) -> dict[str, list]:
+    """Float64 reference of ``sync="local"``: every rank's own window (its shard's counts of the
+    micro-batches so far, ``P`` of its current micro-batch; a micro-batch without kept tokens has
+    value 0), the router's gradient the mean over ranks of their accumulated gradients (DDP)."""
+    p = cases.make_penalty(name)
+    k, w, score = p.top_k, p.weight, p.score
+    router = Net(False).router
+    weight = router.weight.detach().clone().requires_grad_(True)
+    bias = router.bias.detach().clone().requires_grad_(True)
+    out: dict[str, list] = {"loss": [[] for _ in range(world_size)], "grad": []}
+    for step, micros in enumerate(MICROS):
+        gw, gb = torch.zeros_like(weight), torch.zeros_like(bias)
+        for rank in range(world_size):
+            window_load = torch.zeros(EXPERTS, dtype=torch.float64)
+            window_tokens = 0
+            for micro in range(micros):
+                x, mask = batch(step, micro)
+                start, stop = cases.bounds(rank, world_size, micro)
+                logits = (x[start:stop] @ weight.T + bias)[mask[start:stop]]
+                n = logits.shape[0]
+                window_load += _load(logits, k)
+                window_tokens += n
+                if n == 0:
+                    out["loss"][rank].append(0.0)
+                    continue
+                f = window_load / (window_tokens * k)
+                value = w * EXPERTS * (f * _probabilities(logits, score).mean(0)).sum()
+                a, b = torch.autograd.grad(value, (weight, bias))
+                gw, gb = gw + a / world_size, gb + b / world_size
+                out["loss"][rank].append(float(value.detach()))
+        out["grad"].append([gw.numpy().copy(), gb.numpy().copy()])
+        with torch.no_grad():
+            weight -= LR * gw
+            bias -= LR * gb
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_local_window_is_each_ranks_own(pools, world_size: int) -> None:
+    """``sync="local"``: each rank's window of its own counts (uneven and empty shards), no
+    collective in any ``loss()``; DDP averages the ranks' gradients."""
+    names = ["window_softmax", "window_sigmoid_checkpointed"]
+    ranks = pools[world_size].run(cases.train, names, "local")
+    for name in names:
+        ref = expected_local(name, world_size)
+        assert not np.allclose(ref["loss"][0], expected(name)["loss"])  # not the global window
+        for rank, r in enumerate(ranks):
+            got = r[name]
+            np.testing.assert_allclose(got["loss"], ref["loss"][rank], rtol=1e-10, atol=1e-12, err_msg=name)
+            for g, e in zip(got["grad"], ref["grad"], strict=True):
+                for a, b in zip(g, e, strict=True):
+                    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=name)
+            assert all(c == [] for c in got["collectives"][1:]), got["collectives"]
+
+
+def test_window_with_ema_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"counts='window'\) with sync='ema'"):
+        actreg.ActivityRegularizer(
+            torch.nn.Module(), {"router": actreg.LoadBalance(4, 2, 0.5, counts="window")},
+            observed=["router"], sync="ema",
+        )
+
+
 def test_window_differs_from_per_micro_batch() -> None:
     """The semantics are distinct on this problem (else the test above would prove nothing)."""
     window, micro = expected("window_softmax"), expected("batch_per_micro")

@@ -169,6 +169,13 @@ class ActivityRegularizer(Joinable):
         self.biases = ExpertBiases(self.layout, _device_of(self._root))  # ExpertBias routers
         self.recorder.biases = {i: self.biases.bias(i) for i in self.biases.routers}
         self.window = CountWindow(self.layout)  # LoadBalance(counts="window"): reduced counts so far
+        if self.window and self.mode.moving_average:
+            raise ValueError(
+                "LoadBalance(counts='window') with sync='ema': the window sums the counts of the "
+                "micro-batches of one optimizer step, the moving average smooths statistics over steps; "
+                "one or the other, not both -- use counts='window' with sync='global' (or 'local'), or "
+                "the default counts='batch' with sync='ema'"
+            )
         self._since_update = 0  #: loss() calls since update_bias() closed the windows (host side)
         self._warned_update = False
         self.ema = MovingAverage(self.layout, self.decay)
