@@ -287,8 +287,8 @@ def _draw_penalty(rnd: random.Random, slot: str, family: str | None = None) -> t
         return fam, (round(rnd.uniform(0.1, 0.5), 3), w)
     if fam == "VarianceFloor":
         return fam, (w, round(rnd.uniform(0.3, 1.0), 3), 1e-4)
-    if fam == "LoadBalance":
-        return fam, (float(SLOT_DIMS[slot]), float(rnd.randint(1, 2)), w)
+    if fam == "LoadBalance":  # (E, k, weight, 1.0 for DeepSeek-V3's sigmoid scores)
+        return fam, (float(SLOT_DIMS[slot]), float(rnd.randint(1, 2)), w, float(rnd.random() < 0.4))
     if fam == "DeCov":
         return fam, (w * 5,)
     return fam, (w,)
@@ -301,7 +301,8 @@ def make_penalty(family: str, args: tuple[float, ...]) -> Any:
     if family == "TAR":
         return actreg.TAR(args[0], time_dim=1)
     if family == "LoadBalance":
-        return actreg.LoadBalance(int(args[0]), int(args[1]), args[2])
+        score = "sigmoid" if len(args) > 3 and args[3] else "softmax"
+        return actreg.LoadBalance(int(args[0]), int(args[1]), args[2], score=score)
     return getattr(actreg, family)(*args)
 
 
@@ -437,7 +438,12 @@ def _sums(family: str, args: tuple[float, ...], act: Tensor, mask: Tensor) -> di
             if m
             else torch.zeros(d, dtype=act.dtype)
         )
-        return {"f": f, "p": torch.softmax(x, dim=-1).sum(0), "n": n}
+        if len(args) > 3 and args[3]:  # sigmoid scores normalised over the experts of each token
+            s = torch.sigmoid(x)
+            probs = s / s.sum(-1, keepdim=True)
+        else:
+            probs = torch.softmax(x, dim=-1)
+        return {"f": f, "p": probs.sum(0), "n": n}
     if family == "ZLoss":
         return {"z": torch.logsumexp(x, dim=-1).pow(2).sum(), "n": n}
     raise KeyError(family)
@@ -473,7 +479,7 @@ def _value(family: str, args: tuple[float, ...], s: dict[str, Tensor], n_bessel:
         var = (s["q"] / n - (s["s"] / n) ** 2) * n_bessel / (n_bessel - 1)
         return w * torch.relu(gamma - torch.sqrt(var + eps)).mean()
     if family == "LoadBalance":
-        experts, k, w = args
+        experts, k, w = args[:3]
         return w * experts * ((s["f"] / (n * k)) * (s["p"] / n)).sum()
     if family == "ZLoss":
         return args[0] * s["z"] / n
