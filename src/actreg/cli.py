@@ -3,6 +3,7 @@
     actreg train   [options]          # W-rank training demo on scikit-learn's digits
     actreg compare [options]          # no penalty vs local / global / ema, side by side
     actreg verify  [MODULE:FACTORY]   # 1 rank vs W ranks gradients of your model: PASS/FAIL
+    actreg moe     [options]          # micro-batch vs global-batch MoE balance on a byte-level MoE LM
 
 ``train`` and ``compare`` start their workers with ``torch.distributed``'s elastic launcher (the
 machinery of ``torchrun``); the same workers run under ``torchrun -m actreg.demo.train`` /
@@ -78,6 +79,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_moe(args: argparse.Namespace) -> int:
+    from .demo._deps import require
+    from .demo.launch import launch_module
+    from .demo.moe_config import moe_config_from_args
+
+    cfg = moe_config_from_args(args)
+    require("numpy")
+    _check_demo_dependencies(cfg.plots)
+    started = time.perf_counter()
+    runs = len(cfg.seeds) * len(cfg.variants)
+    print(
+        f"actreg moe: {runs} runs ({', '.join(cfg.variants)} x seeds {','.join(map(str, cfg.seeds))}) "
+        f"with {cfg.nproc} worker process(es)",
+        flush=True,
+    )
+    note = launch_module(cfg.nproc, "actreg.demo.moe_run", cfg.to_argv())
+    if note:
+        print(f"actreg moe: {note}", file=sys.stderr)
+    print(f"actreg moe: done in {time.perf_counter() - started:.1f}s; see {Path(cfg.out) / 'moe.md'}")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .demo.verify import run_verify
 
@@ -113,8 +136,9 @@ def _raise_interrupted(signum: int, _frame: object) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``actreg`` argument parser (subcommands ``train``, ``compare``, ``verify``)."""
+    """The ``actreg`` argument parser (subcommands ``train``, ``compare``, ``verify``, ``moe``)."""
     from .demo.config import add_train_arguments, positive_finite
+    from .demo.moe_config import add_moe_arguments
 
     parser = argparse.ArgumentParser(
         prog="actreg",
@@ -184,6 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--decay", type=float, default=0.99, help="EMA decay for --sync ema")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "moe",
+        help="micro-batch vs global-batch balance on a small MoE language model",
+        description="Train a small decoder-only MoE byte language model (8 experts, top-2) on text of "
+        "several domains shipped with Python and the demo's dependencies, each micro-batch from one "
+        "domain, once per balancing variant and seed (none; LoadBalance per micro-batch, global, over "
+        "the accumulation window; ExpertBias; ExpertBias + SequenceBalance), and write moe.md / "
+        "moe.json / moe_heatmap.png / moe_curves.png (default --out runs/moe).",
+    )
+    add_moe_arguments(p)
+    p.set_defaults(func=_cmd_moe)
     return parser
 
 
