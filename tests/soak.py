@@ -637,8 +637,10 @@ def _build(scn: Scenario, rank: int, net: nn.Module) -> list[Any]:
         fam, args = scn.penalties[slot][0]
         pens[slot][0] = make_penalty(
             fam,
-            (args[0] * 2, *args[1:])
-            if fam not in ("LoadBalance", "KLSparsity")
+            (*args[:2], args[2] * 2, *args[3:])  # the weight (E, k, weight, score)
+            if fam == "LoadBalance"
+            else (args[0] * 2, *args[1:])
+            if fam != "KLSparsity"
             else (*args[:-1], args[-1] * 2),
         )
     if scn.misuse == "weights" and odd:
