@@ -81,7 +81,8 @@ def run_example(rank: int, world_size: int, argv: list[str]) -> dict[str, list[f
 # configs are the family's defaults with every size in SMALL that the family has; 4 experts, top-2,
 # coefficient 0.02. The layer counts record what each family pools: Qwen2-MoE only every
 # ``decoder_sparse_step``-th layer, Flint not its ``mlp_only_layers``, DeepSeek-V4 not its hash-routed
-# layers, Jamba only every ``expert_layer_period``-th layer, Ernie 4.5 not before ``moe_layer_start_index``.
+# layers, Jamba only every ``expert_layer_period``-th layer, Ernie 4.5 not before ``moe_layer_start_index``,
+# Ernie 4.5 VL not its ``"dense"`` ``mlp_layer_types``.
 COEF = 0.02
 SMALL: dict[str, Any] = dict(
     vocab_size=64, hidden_size=32, d_model=32, intermediate_size=32, moe_intermediate_size=16,
@@ -105,6 +106,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], dict[str, Any], int]] = {
         q_lora_rank=16, o_lora_rank=16, o_groups=2, index_n_heads=2, index_head_dim=8, index_topk=4,
         num_key_value_heads=1, sliding_window=8, hc_mult=2), {}, 2),
     "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", {}, {}, 1),
+    # text and vision experts (a gate each) write one [batch * seq, E] tensor a layer; layer 0 dense
+    "ernie4_5_vl_moe": ("Ernie4_5_VLMoeForConditionalGeneration", {}, dict(
+        moe_intermediate_size=[16, 16], moe_num_shared_experts=1, rope_parameters={
+            "rope_type": "default", "rope_theta": 500000.0, "mrope_section": [1, 1, 2]}), 1),
     "flex_olmo": ("FlexOlmoForCausalLM", {}, {}, 2),
     "flint": ("FlintForCausalLM", dict(num_hidden_layers=3, mlp_only_layers=[0]), {}, 2),
     "glm4v_moe": ("Glm4vMoeForConditionalGeneration", {}, dict(head_dim=16, rope_parameters={
@@ -209,18 +214,31 @@ def family_batch(sequences: int = 5, length: int = 12) -> tuple[torch.Tensor, to
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def family_balance(rank: int, world_size: int, family: str, gradient: bool = False) -> dict[str, Any]:
+def vision_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """Ernie 4.5 VL's ``moe_mm_token_type_ids``: positions 2..4 of every sequence and all of the
+    second one are vision tokens (routed by the vision experts' gate), the rest text."""
+    vision = torch.zeros_like(ids)
+    vision[:, 2:5] = 1
+    vision[1] = 1
+    return vision
+
+
+def family_balance(
+    rank: int, world_size: int, family: str, gradient: bool = False, vision: bool = False
+) -> dict[str, Any]:
     """``family``'s tiny model, 5 sequences split 3 + 2 over 2 ranks: actreg's value of
     ``hf.load_balance(model.config)`` over all router logits (and, with ``gradient``, its
     DDP-averaged gradient); rank 0 adds, on the concatenated batch in one process, the float64
     formula (and its gradient), the model's own ``aux_loss`` and what the model adds to its loss
-    with ``output_router_logits=True``."""
+    with ``output_router_logits=True``. ``vision``: Ernie 4.5 VL with :func:`vision_tokens`."""
     model = tiny_model(family)
     ids, mask = family_batch()
+    extra = {"moe_mm_token_type_ids": vision_tokens(ids)} if vision else {}
     rows = slice(0, 3) if rank == 0 else slice(3, 5)
     net = DDP(model, find_unused_parameters=True) if gradient else model
     reg = actreg.ActivityRegularizer(net, {"router": hf.load_balance(model.config)}, observed=["router"])
-    out = net(input_ids=ids[rows], attention_mask=mask[rows], output_router_logits=True)
+    out = net(input_ids=ids[rows], attention_mask=mask[rows], output_router_logits=True,
+              **{k: v[rows] for k, v in extra.items()})
     hf.observe_router_logits(reg, out.router_logits, mask[rows])
     value = reg.loss()
     result: dict[str, Any] = {"actreg": value.item(), "rows": rows.stop - rows.start}
@@ -231,8 +249,8 @@ def family_balance(rank: int, world_size: int, family: str, gradient: bool = Fal
     if rank == 0:
         ref = tiny_model(family)
         labels = ids.masked_fill(mask == 0, -100)
-        out = ref(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
-        plain = ref(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=False)
+        out = ref(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True, **extra)
+        plain = ref(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=False, **extra)
         whole = pooled_balance(out.router_logits, mask)
         result.update(
             reference=whole.item(), own=COEF * out.aux_loss.item(), added=(out.loss - plain.loss).item(),
@@ -242,4 +260,8 @@ def family_balance(rank: int, world_size: int, family: str, gradient: bool = Fal
             ref.zero_grad()
             whole.backward()
             result["reference_grad"] = _grads(ref)
+            result["gate_grad_norms"] = {  # (Ernie 4.5 VL: text_moe.gate and vision_moe.gate)
+                n: 0.0 if p.grad is None else float(p.grad.norm())
+                for n, p in ref.named_parameters() if n.endswith("gate.weight")
+            }
     return result

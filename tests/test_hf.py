@@ -72,6 +72,25 @@ def test_qwen2_moe_ddp_gradient_equals_float64(pools) -> None:
         assert relative(r["actreg_grad"], ref_grad) < 1e-10
 
 
+def test_ernie_vl_pools_text_and_vision_experts(pools) -> None:
+    """Ernie 4.5 VL MoE (``Ernie4_5_VLMoeForConditionalGeneration``): its text and vision experts
+    have a gate each, whose logits fill one ``[batch * seq, E]`` tensor a layer by token type
+    (``moe_mm_token_type_ids``), and ``load_balancing_loss_func`` pools them. With text and vision
+    tokens on both ranks, actreg's value equals the float64 formula on the concatenated batch and
+    the model's own aux loss there, and its DDP gradient reaches both gates as float64's does (the
+    router computes its logits in float32, hence the tolerances)."""
+    ranks = pools[2].run(cases.family_balance, "ernie4_5_vl_moe", True, True, timeout=300)
+    ref, ref_grad = ranks[0]["reference"], ranks[0]["reference_grad"]
+    norms = ranks[0]["gate_grad_norms"]
+    assert sorted(norms) == ["model.language_model.layers.1.mlp.text_moe.gate.weight",
+                             "model.language_model.layers.1.mlp.vision_moe.gate.weight"]
+    assert all(v > 0 for v in norms.values())  # both experts' gates are balanced
+    assert ranks[0]["own"] == pytest.approx(ref, rel=1e-5)
+    for r in ranks:
+        assert r["actreg"] == pytest.approx(ref, rel=1e-6)
+        assert relative(r["actreg_grad"], ref_grad) < 1e-5
+
+
 @pytest.mark.parametrize("model_type", ["doge", "switch_transformers", "nllb_moe"])
 def test_families_with_another_loss_are_refused(model_type: str) -> None:
     """Doge (product keys), Switch Transformers and NLLB-MoE (a mean of per-sequence balances) have
