@@ -11,9 +11,11 @@ optimizes the load balance of the global batch, exactly Mixtral's ``load_balanci
 the concatenated batch, with one ``all_reduce`` per step. The script prints both: the per-rank
 loss each rank would have optimized differs from rank to rank and from the global one.
 
-Plain DDP, not ``Trainer``/``accelerate``: the two lines actreg needs (observe the router logits,
-add ``reg.loss()``) are the same in a ``Trainer.compute_loss`` override, and the plain loop starts
-in seconds on CPU, where importing ``Trainer`` and ``accelerate`` costs more than the training.
+Plain DDP, not ``Trainer``/``accelerate``: the plain loop starts in seconds on CPU. With
+``Trainer`` do not add ``reg.loss()`` in a ``compute_loss`` override as written here -- the Trainer
+scales what ``compute_loss`` returns (by the world size under ``average_tokens_across_devices``, and
+not by the accumulation steps), which would make the balance k times too strong; use
+``actreg.integrations.hf.RegularizedTrainer``, which adds it after that scaling.
 """
 
 from __future__ import annotations
