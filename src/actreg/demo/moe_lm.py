@@ -61,13 +61,14 @@ class MoEFeedForward(nn.Module):
         order = torch.argsort(experts, stable=True)
         tokens, weights = tokens[order], gates.reshape(-1)[order]
         out = torch.zeros_like(flat)
+        w_in, b_in, w_out = self.w_in.unbind(0), self.b_in.unbind(0), self.w_out.unbind(0)
         start = 0
         for e, n in enumerate(load.tolist()):
             if n == 0:
                 continue
             rows = tokens[start : start + n]
-            h = F.gelu(flat.index_select(0, rows) @ self.w_in[e] + self.b_in[e])
-            out.index_add_(0, rows, (h @ self.w_out[e]) * weights[start : start + n, None])
+            h = F.gelu(torch.addmm(b_in[e], flat.index_select(0, rows), w_in[e]), approximate="tanh")
+            out.index_add_(0, rows, (h @ w_out[e]) * weights[start : start + n, None])
             start += n
         return out.reshape(shape)
 

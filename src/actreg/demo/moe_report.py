@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from .moe_config import MoEConfig
 from .moe_data import SOURCES, Domain
 from .moe_metrics import domain_tables, max_violation, mean_std, mutual_information, run_figures, step_windows
 from .moe_variants import DESCRIPTIONS
-from .report import _finish, write_text
+from .report import write_text
 
 #: table columns: (figure key, header, format)
 COLUMNS = (
@@ -40,6 +41,15 @@ COLORS = {
     "bias": "#2ca02c",
     "bias+seq": "#9467bd",
 }
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write the figure atomically (a temporary file, then ``os.replace``) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    pyplot().close(fig)
 
 
 def summarize(
@@ -171,6 +181,13 @@ def write_outputs(
     return out / "moe.md", table
 
 
+def expert_order(share: torch.Tensor) -> list[int]:
+    """Experts ordered by the domain they serve most (then by that share, largest first), so that
+    specialised routing shows as a block diagonal."""
+    main = share.argmax(0)
+    return sorted(range(share.shape[1]), key=lambda e: (int(main[e]), -float(share[main[e], e])))
+
+
 def plot_heatmaps(
     runs: Sequence[Mapping[str, Any]], domains: Sequence[str], variants: Sequence[str], path: Path
 ) -> None:
@@ -178,20 +195,29 @@ def plot_heatmaps(
     seed = runs[0]["seed"]
     chosen = [r for v in variants for r in runs if r["variant"] == v and r["seed"] == seed]
     layers = len(chosen[0]["eval"]["counts"])
-    fig, axes = plt.subplots(len(chosen), layers, figsize=(3.2 * layers, 1.9 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(chosen), layers, figsize=(3.4 * layers, 1.7 * len(chosen)), squeeze=False, layout="constrained"
+    )
+    image = None
     for row, r in enumerate(chosen):
         counts = torch.tensor(r["eval"]["counts"], dtype=torch.float64)
         for layer in range(layers):
             ax = axes[row][layer]
             share = counts[layer] / counts[layer].sum(-1, keepdim=True)
-            ax.imshow(share.numpy(), vmin=0, vmax=0.5, cmap="viridis", aspect="auto")
+            order = expert_order(share)
+            image = ax.imshow(share[:, order].numpy(), vmin=0, vmax=0.5, cmap="viridis", aspect="auto")
             ax.set_yticks(range(len(domains)), domains if layer == 0 else [""] * len(domains), fontsize=7)
-            ax.set_xticks(range(share.shape[1]))
-            ax.tick_params(labelsize=7)
+            ax.set_xticks(range(len(order)), [str(e) for e in order], fontsize=7)
             mi = mutual_information(counts[layer])
             ax.set_title(f"{r['variant']}, layer {layer}: MI {mi:.2f} bits", fontsize=8)
-    fig.suptitle(f"held-out routing, share of each domain's tokens per expert (seed {seed})", fontsize=9)
-    _finish(fig, path)
+    fig.suptitle(
+        f"held-out routing: share of each domain's assignments per expert (seed {seed}; experts "
+        "ordered by the domain they serve most)",
+        fontsize=8,
+    )
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="share")
+    _save(fig, path)
 
 
 def _smooth(values: torch.Tensor, width: int) -> torch.Tensor:
@@ -213,35 +239,56 @@ def _window_mi(r: Mapping[str, Any], domains: int, width: int) -> torch.Tensor:
     return torch.tensor(out)
 
 
+def _paired_curve(runs: Sequence[Mapping[str, Any]], variant: str, base: str) -> torch.Tensor | None:
+    """Per-step training cross-entropy of ``variant`` minus ``base``'s, mean over the seeds both ran."""
+    by = {(r["variant"], r["seed"]): torch.tensor(r["loss"], dtype=torch.float64).mean((1, 2)) for r in runs}
+    diffs = [by[(variant, s)] - by[(base, s)] for (v, s) in by if v == variant and (base, s) in by]
+    return torch.stack(diffs).mean(0) if diffs else None
+
+
 def plot_curves(
     runs: Sequence[Mapping[str, Any]], domains: Sequence[str], variants: Sequence[str], path: Path
 ) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
+    base = "micro" if "micro" in variants else variants[0]
+    low, high = float("inf"), -float("inf")
     for v in variants:
         mine = [r for r in runs if r["variant"] == v]
         if not mine:
             continue
         steps = len(mine[0]["loss"])
         width = max(1, steps // 20)
+        x = range(1, steps + 1)
+        color = COLORS.get(v)
         ce = torch.stack([torch.tensor(r["loss"], dtype=torch.float64).mean((1, 2)) for r in mine]).mean(0)
+        smooth = _smooth(ce, width)
+        axes[0].plot(x, smooth.numpy(), label=v, color=color)
+        tail = smooth[steps // 5 :]
+        low, high = min(low, float(tail.min())), max(high, float(tail.max()))
+        diff = _paired_curve(runs, v, base)
+        if diff is not None:
+            axes[1].plot(x, _smooth(diff, width).numpy(), label=v, color=color)
         mv = torch.stack(
             [max_violation(step_windows(torch.tensor(r["load"], dtype=torch.float64))).mean(-1) for r in mine]
         ).mean(0)
+        axes[2].plot(x, _smooth(mv, width).numpy(), label=v, color=color)
         mi = torch.stack([_window_mi(r, len(domains), width) for r in mine]).mean(0)
-        x = range(1, steps + 1)
-        color = COLORS.get(v)
-        axes[0].plot(x, _smooth(ce, width).numpy(), label=v, color=color)
-        axes[1].plot(x, _smooth(mv, width).numpy(), label=v, color=color)
-        axes[2].plot(x, mi.numpy(), label=v, color=color)
+        axes[3].plot(x, mi.numpy(), label=v, color=color)
+    if low < high:
+        axes[0].set_ylim(low - 0.05 * (high - low), high)
     axes[0].set_ylabel("training cross-entropy (nats/byte)")
-    axes[1].set_ylabel("MaxVio of the global batch")
-    axes[2].set_ylabel("MI(domain; expert), bits")
+    axes[1].set_ylabel(f"cross-entropy minus {base}'s (same seed)")
+    axes[1].axhline(0.0, color="black", lw=0.6)
+    axes[2].set_ylabel("MaxVio of the global batch")
+    axes[3].set_ylabel("MI(domain; expert), bits")
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(
-        f"training curves, mean over {len({r['seed'] for r in runs})} seeds (moving average)", fontsize=9
+        f"training curves, mean over {len({r['seed'] for r in runs})} seeds (moving average; MI of the "
+        "training routing over the same window of steps)",
+        fontsize=9,
     )
-    _finish(fig, path)
+    _save(fig, path)

@@ -113,7 +113,9 @@ def train_run(
     """Train ``variant`` from ``seed``; rank 0 returns the raw log (the other ranks ``None``)."""
     model = build_model(cfg, seed)
     _flat_all_reduce(ctx, [p.data for p in model.parameters()], divide=True)  # (already identical)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=True
+    )
     balancer = build_balancer(variant, model, cfg, ctx.world_size, optimizer)
     model.set_routing(balancer.routing)
     schedule = domain_schedule(seed, cfg.steps, ctx.world_size, cfg.accumulation, len(domains))
