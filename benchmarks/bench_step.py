@@ -431,7 +431,7 @@ def main() -> None:
     p.add_argument("--single", action="store_true", help="one process, no DDP: none / L1 / DeCov")
     p.add_argument("--compile", action="store_true", help="--single: torch.compile every variant's model")
     p.add_argument("--threads", type=int, default=1, help="--single: torch threads")
-    p.add_argument("--penalties", default="L1,DeCov", help="--single: variants besides none (L1, DeCov, L1+VF)")
+    p.add_argument("--penalties", default="L1,DeCov", help="--single: variants besides none")
     args = p.parse_args()
     if args.rounds < 1 or args.steps_per_round < 1 or args.layers < 1:
         p.error("--rounds, --steps-per-round and --layers must be at least 1")

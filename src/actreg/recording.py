@@ -47,6 +47,8 @@ class Recorder:
         self.dtype: torch.dtype | None = None  #: statistics dtype, once agreed (or given)
         self.device: torch.device | None = None  #: device of the first recorded activation
         self.record_eval = False  #: record modules in eval() mode too
+        #: statistics through the generated kernels of actreg.fused (ActivityRegularizer(fused=))
+        self.fused = False
         self.loaded_dims: dict[int, int] = {}  #: feature sizes of a loaded state (slot index -> d)
         self.recorded_last_step: set[int] = set()
         self.biases: dict[int, Tensor] = {}  #: slot index -> its expert bias (ExpertBias), live views
@@ -201,7 +203,7 @@ class Recorder:
                 "than the Gram); keep the number of positions per step at most that of the first step"
             )
         acc = self._acc(x)
-        block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc, row)
+        block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc, row, self.fused)
         own = self.layout.slots[index].own
         if not own:
             return block

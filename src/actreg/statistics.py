@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import fused as _fused
+
 #: primitive statistics that the fused kernel computes, in block order
 PRIMITIVES = ("count", "abs_sum", "sq_sum", "active", "sum", "csum", "csq", "couter")
 #: derived primitive: ``count * d`` (elements of the kept positions), read from ``count``
@@ -130,8 +132,17 @@ class FusedStatistics(torch.autograd.Function):
         spec: BlockSpec,
         acc: torch.dtype,
         row_offset: int = 0,
+        fused: bool = False,
     ) -> Tensor:
         input_shape = x.shape
+        ctx.fused = False
+        if fused and _fusable(x, spec):
+            block = _fused_forward(x, keep, shift, spec, acc)
+            if block is not None:
+                ctx.save_for_backward(x, keep, shift)
+                ctx.spec, ctx.acc, ctx.input_shape, ctx.row_offset = spec, acc, input_shape, row_offset
+                ctx.fused = True
+                return block
         if x.dim() == 1:
             x = x.unsqueeze(0)
             keep = None if keep is None else keep.unsqueeze(0)
@@ -181,10 +192,15 @@ class FusedStatistics(torch.autograd.Function):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
         x, keep, shift = ctx.saved_tensors
         spec: BlockSpec = ctx.spec
         diff, at = spec.differentiated, spec.offsets
+        if not diff:
+            return None, None, None, None, None, None, None
+        if ctx.fused:
+            gf = _fused_backward(x, keep, shift, grad, spec, ctx.acc)
+            return gf.view(ctx.input_shape), None, None, None, None, None, None
         gx: Tensor | None = None
         if "abs_sum" in diff:
             gx = x.sign().mul_(grad[1])
@@ -198,7 +214,7 @@ class FusedStatistics(torch.autograd.Function):
             gc = _centred_grad(x, keep, shift, grad, spec, ctx.acc, ctx.row_offset)
             gx = gc if gx is None else gx + gc
         if gx is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if diff & _TIMES_X:  # (gx is ours here: see _centred_grad)
             gx = _zero_nan_(gx)
         if keep is not None:
@@ -209,7 +225,73 @@ class FusedStatistics(torch.autograd.Function):
             gx = gx.to(x.dtype)
         if gx.shape != ctx.input_shape:
             gx = gx.reshape(ctx.input_shape)
-        return gx, None, None, None, None, None
+        return gx, None, None, None, None, None, None
+
+
+def _fusable(x: Tensor, spec: BlockSpec) -> bool:
+    """Whether the fused kernels cover this recording: a contiguous activation of >= 2 positions
+    and >= 2 units, and no Gram matrix sent as rows (shapes only: nothing is read from the device)."""
+    d = spec.d
+    return (
+        x.dim() >= 1
+        and d >= 2
+        and x.shape[-1] == d
+        and x.numel() >= 2 * d
+        and x.is_contiguous()
+        and ("couter" not in spec.wanted or spec.form == "gram")
+    )
+
+
+def _fused_forward(
+    x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+) -> Tensor | None:
+    """The block from one fused kernel (and the Gram matrix's matmul), or None when no kernel could
+    be compiled; traced inline under ``torch.compile``."""
+    d = spec.d
+    x2 = x.reshape(-1, d)
+    k2 = None if keep is None else keep.reshape(-1)
+    gram = "couter" in spec.wanted
+    rows_out = gram and not (shift is None and keep is None and x.dtype == acc)
+    if torch.compiler.is_compiling():
+        outs = _fused.forward_math(x2, k2, shift, spec, acc, rows_out)
+        if not gram:
+            return outs[0]
+        rows = outs[1] if rows_out else x2
+        return torch.cat([outs[0], (rows.mT @ rows).reshape(-1)])
+    kernel = _fused.forward_kernel(spec, x2, k2, shift, acc, rows_out)
+    if kernel is None:
+        return None
+    outs = _fused.call(kernel, x2, k2, shift)
+    if not gram:
+        head: Tensor = outs[0]
+        return head
+    rows = outs[1] if rows_out else x2
+    block = rows.new_empty(spec.size)
+    at = spec.offsets["couter"]
+    block[:at].copy_(outs[0])
+    torch.mm(rows.mT, rows, out=block[at:].view(d, d))
+    return block
+
+
+def _fused_backward(
+    x: Tensor, keep: Tensor | None, shift: Tensor | None, grad: Tensor, spec: BlockSpec, acc: torch.dtype
+) -> Tensor:
+    """``x``'s gradient ``[n, d]`` from one fused kernel (after the Gram term's matmul)."""
+    d = spec.d
+    x2 = x.reshape(-1, d)
+    k2 = None if keep is None else keep.reshape(-1)
+    grad = grad.contiguous()
+    gram: Tensor | None = None
+    if "couter" in spec.differentiated:  # 2 (x - c) G is added by the kernel (G symmetric, see
+        g = grad[spec.offsets["couter"] : spec.offsets["couter"] + d * d].view(d, d)  # _centred_grad)
+        gram = _shifted(x2, shift, acc) @ g
+    if torch.compiler.is_compiling():
+        return _fused.backward_math(x2, k2, shift, grad, gram, spec, acc)
+    kernel = _fused.backward_kernel(spec, x2, k2, shift, grad, gram is not None, acc)
+    if kernel is None:
+        return _fused.backward_math(x2, k2, shift, grad, gram, spec, acc)
+    gx: Tensor = _fused.call(kernel, x2, k2, shift, grad, gram)[0]
+    return gx
 
 
 #: primitives whose gradient multiplies the activation: where it is inf or NaN, a failed step's
@@ -298,13 +380,15 @@ def fused_statistics(
     spec: BlockSpec,
     acc: torch.dtype,
     row_offset: int = 0,
+    fused: bool = False,
 ) -> Tensor:
     """The primitive part of a slot's block for activation ``x`` (``[..., d]``); in rows mode its
-    rows go to rows ``row_offset ...`` of the block's row area."""
+    rows go to rows ``row_offset ...`` of the block's row area. ``fused``: through the generated
+    kernels of :mod:`actreg.fused` where they apply."""
     if shift is not None and (shift.device != x.device or shift.dtype != acc):
         shift = shift.to(device=x.device, dtype=acc)
     with no_autocast(x):
-        block: Tensor = FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
+        block: Tensor = FusedStatistics.apply(x, keep, shift, spec, acc, row_offset, fused)
     return block
 
 
