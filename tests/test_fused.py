@@ -217,3 +217,14 @@ def test_compiled_model_traces_the_fused_maths_without_graph_breaks() -> None:
         assert lc == pytest.approx(le, rel=1e-10)
         for a, b in zip(gc, ge, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_training_step_never_reads_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/test_hot_path.py's step check (every built-in penalty, a padding mask, ``global``)
+    with the fused kernels on: no host read, no reading op (the kernels compile in its warm-up)."""
+    import test_hot_path
+
+    monkeypatch.setenv(actreg.fused.ENV, "1")
+    before = len(actreg.fused.compile_seconds)
+    test_hot_path.test_training_step_never_reads_the_device("global")
+    assert len(actreg.fused.compile_seconds) > before or actreg.fused._kernels

@@ -24,6 +24,10 @@ size does not recompile), and it is called without dynamo's per-call machinery. 
 per (block layout, dtype, accumulation dtype, device, mask or not, shift or not) for the process;
 inductor's own on-disk cache makes a second process compile faster.
 
+Penalties that record their own statistics (``TAR``'s differences, the routers' softmax/sigmoid,
+top-k counts and logsumexp, user penalties) still do so with eager ops, next to the fused block
+(which then only feeds the activity metrics).
+
 Under ``torch.compile`` of a whole model the same maths functions are traced inline into the
 model's graph (no separate kernel is called; inductor fuses them with their neighbours).
 

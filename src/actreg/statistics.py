@@ -200,7 +200,9 @@ class FusedStatistics(torch.autograd.Function):
             return None, None, None, None, None, None, None
         if ctx.fused:
             gf = _fused_backward(x, keep, shift, grad, spec, ctx.acc)
-            return gf.view(ctx.input_shape), None, None, None, None, None, None
+            if gf.shape != ctx.input_shape:  # (not a view otherwise: autograd may then add into it)
+                gf = gf.view(ctx.input_shape)
+            return gf, None, None, None, None, None, None
         gx: Tensor | None = None
         if "abs_sum" in diff:
             gx = x.sign().mul_(grad[1])
