@@ -41,3 +41,20 @@ def train(rank: int, world_size: int, names: list[str], masked: bool, fused: boo
         reg.remove()
     out["kernels"] = sum(1 for k in actreg.fused._kernels.values() if k is not None)
     return out
+
+
+def fsdp2(rank: int, world_size: int, names: list[str]) -> dict[str, Any] | str:
+    """dist_cases.fsdp2 (FSDP2 ``fully_shard``, the penalty as the only loss) with fused kernels on."""
+    import os
+
+    import dist_cases
+
+    previous = os.environ.get(actreg.fused.ENV)
+    os.environ[actreg.fused.ENV] = "1"
+    try:
+        return dist_cases.fsdp2(rank, world_size, names)
+    finally:
+        if previous is None:
+            del os.environ[actreg.fused.ENV]
+        else:
+            os.environ[actreg.fused.ENV] = previous

@@ -122,6 +122,21 @@ def test_two_gloo_ranks_match_float64_reference(pools, masked: bool, monkeypatch
             _compare(result[name], _reference(name, masked, 2, monkeypatch), f"{name} W=2 rank {rank}")
 
 
+def test_fsdp2_matches_float64_reference(pools, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP2 ``fully_shard`` on 2 ranks (tests/test_exactness.py's case) with fused kernels on: the
+    module output passes through the statistics' node (``FusedThrough``) under FSDP's hooks."""
+    names = ["L1", "VarianceFloor", "Covariance", "KLSparsity"]
+    results = pools[2].run(dist_cases_fused.fsdp2, names, timeout=600)
+    if isinstance(results[0], str):
+        pytest.skip(results[0])
+    for name in names:
+        ref = _reference(name, True, 2, monkeypatch)
+        for rank, result in enumerate(results):
+            assert result[name]["loss"] == pytest.approx(ref["loss"][0], rel=RTOL)
+            for g, r in zip(result[name]["grads"], ref["grads"][0], strict=True):
+                np.testing.assert_allclose(g, r, rtol=RTOL, atol=ATOL, err_msg=f"{name} FSDP2 rank {rank}")
+
+
 def test_float32_every_primitive_against_float64(calls: list[int]) -> None:
     """One float32 slot with L1, L2, KLSparsity, VarianceFloor and DeCov (every primitive the
     kernels compute, the Gram matrix's rows centred), masked, a new batch size each step: values
@@ -183,6 +198,47 @@ def test_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert "kernels compiled" in actreg.fused.describe()
+
+
+def test_output_passes_through_the_statistics_node() -> None:
+    """A hooked module's output is passed through ``FusedThrough`` (its gradient takes the
+    statistics' term in the same kernel): for tensor and tuple outputs, and checkpointed
+    (non-reentrant) modules give the same gradients as the eager statistics."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(IN_FEATURES, 6)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            h = torch.sigmoid(self.lin(x))
+            return h, h.sum(-1)
+
+    def run(fused: bool, checkpointed: bool) -> tuple[str, list[Tensor]]:
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"pair": Pair(), "head": nn.Linear(6, 2)}).double()
+        reg = actreg.ActivityRegularizer(model, {"pair": make_penalty("L1")}, fused=fused)
+        x, mask = batch(0)
+        seen = []
+        if checkpointed:  # (a mask set by reg.mask is not there when the checkpoint recomputes)
+            h, s = checkpoint(model["pair"], x, use_reentrant=False)
+        else:
+            with reg.mask(mask):
+                h, s = model["pair"](x)
+        seen.append(type(h.grad_fn).__name__)
+        loss = reg.loss() + model["head"](h).square().mean() + s.mean()
+        loss.backward()
+        reg.remove()
+        return seen[0], [p.grad.clone() for p in model.parameters()]
+
+    for checkpointed in (False, True):
+        node, got = run(True, checkpointed)
+        if not checkpointed:
+            assert node == "FusedThroughBackward", node
+        _, want = run(False, checkpointed)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_compiled_model_traces_the_fused_maths_without_graph_breaks() -> None:

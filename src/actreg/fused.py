@@ -159,8 +159,10 @@ def backward_math(
     gram: Tensor | None,
     spec: BlockSpec,
     acc: torch.dtype,
+    incoming: Tensor | None = None,
 ) -> Tensor:
-    """``d block / d x`` applied to ``grad`` (the block's gradient), for ``x`` ``[n, d]``.
+    """``d block / d x`` applied to ``grad`` (the block's gradient), for ``x`` ``[n, d]``, plus
+    ``incoming`` (``[n, d]``, the gradient of the module output passed through) if given.
 
     ``gx = g_abs sign(x) + 2 g_sq x + g_sum + g_csum + 2 g_csq (x - c) + 2 gram`` over the
     differentiated primitives (``gram`` = ``(x - c) G``, computed by a matmul before, ``G`` the
@@ -195,6 +197,8 @@ def backward_math(
         gx = torch.where(keep.unsqueeze(-1), gx, 0.0)
     elif gx.shape != x.shape:
         gx = gx.expand(x.shape)
+    if incoming is not None:
+        gx = gx + incoming.to(acc)
     return gx.to(x.dtype)
 
 
@@ -344,15 +348,19 @@ def backward_kernel(
     grad: Tensor,
     gram: bool,
     acc: torch.dtype,
+    incoming: Tensor | None = None,
 ) -> Kernel | None:
-    """The compiled :func:`backward_math` (``kernel(x, [keep], [shift], grad, [gram])``), or None."""
+    """The compiled :func:`backward_math` (``kernel(x, [keep], [shift], grad, [gram],
+    [incoming])``), or None."""
     masked, shifted = keep is not None, shift is not None
-    key = ("backward", spec, x.dtype, acc, x.device, masked, shifted, gram, grad.dtype)
+    inc = None if incoming is None else incoming.dtype
+    key = ("backward", spec, x.dtype, acc, x.device, masked, shifted, gram, grad.dtype, inc)
 
     def build() -> Kernel:
         ex, k, s = _examples(spec.d, x.dtype, acc, x.device, masked, shifted)
         g = torch.ones(spec.size, dtype=grad.dtype, device=x.device)
         gr = torch.ones(ex.shape, dtype=acc, device=x.device) if gram else None
+        gi = None if inc is None else torch.ones(ex.shape, dtype=inc, device=x.device)
 
         def fn(*args: Tensor) -> Tensor:
             it = iter(args)
@@ -361,9 +369,10 @@ def backward_kernel(
             ss = next(it) if shifted else None
             gg = next(it)
             gm = next(it) if gram else None
-            return backward_math(xx, kk, ss, gg, gm, spec, acc)
+            gin = next(it) if inc is not None else None
+            return backward_math(xx, kk, ss, gg, gm, spec, acc, gin)
 
-        return _compile(fn, [t for t in (ex, k, s, g, gr) if t is not None])
+        return _compile(fn, [t for t in (ex, k, s, g, gr, gi) if t is not None])
 
     return _get(key, build)
 

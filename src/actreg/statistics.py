@@ -276,24 +276,90 @@ def _fused_forward(
 
 
 def _fused_backward(
-    x: Tensor, keep: Tensor | None, shift: Tensor | None, grad: Tensor, spec: BlockSpec, acc: torch.dtype
+    x: Tensor,
+    keep: Tensor | None,
+    shift: Tensor | None,
+    grad: Tensor,
+    spec: BlockSpec,
+    acc: torch.dtype,
+    incoming: Tensor | None = None,
 ) -> Tensor:
-    """``x``'s gradient ``[n, d]`` from one fused kernel (after the Gram term's matmul)."""
+    """``x``'s gradient ``[n, d]`` from one fused kernel (after the Gram term's matmul), plus
+    ``incoming`` (the gradient of the passed-through output, :class:`FusedThrough`) if given."""
     d = spec.d
     x2 = x.reshape(-1, d)
     k2 = None if keep is None else keep.reshape(-1)
     grad = grad.contiguous()
+    if incoming is not None:
+        incoming = incoming.reshape(-1, d).contiguous()
     gram: Tensor | None = None
     if "couter" in spec.differentiated:  # 2 (x - c) G is added by the kernel (G symmetric, see
         g = grad[spec.offsets["couter"] : spec.offsets["couter"] + d * d].view(d, d)  # _centred_grad)
         gram = _shifted(x2, shift, acc) @ g
     if torch.compiler.is_compiling():
-        return _fused.backward_math(x2, k2, shift, grad, gram, spec, acc)
-    kernel = _fused.backward_kernel(spec, x2, k2, shift, grad, gram is not None, acc)
+        return _fused.backward_math(x2, k2, shift, grad, gram, spec, acc, incoming)
+    kernel = _fused.backward_kernel(spec, x2, k2, shift, grad, gram is not None, acc, incoming)
     if kernel is None:
-        return _fused.backward_math(x2, k2, shift, grad, gram, spec, acc)
-    gx: Tensor = _fused.call(kernel, x2, k2, shift, grad, gram)[0]
+        return _fused.backward_math(x2, k2, shift, grad, gram, spec, acc, incoming)
+    gx: Tensor = _fused.call(kernel, x2, k2, shift, grad, gram, incoming)[0]
     return gx
+
+
+class FusedThrough(torch.autograd.Function):
+    """``y, block = FusedThrough.apply(x, keep, shift, spec, acc)``: a module's output ``x`` passed
+    through (``y`` a view of ``x``, what the module returns instead), and its statistics block.
+
+    Backward: ``g_x = g_y + d block / d x`` in one fused kernel. With :class:`FusedStatistics` the
+    statistics' gradient reaches ``x`` on its own and autograd adds it to the downstream gradient
+    in a pass of its own; here the downstream gradient comes in and goes out with the term added.
+    Used by module hooks only, where the fused kernels apply, outside ``torch.compile`` (inside, the
+    compiler fuses the add anyway). In-place operations on the module's output stay unsupported, as
+    with :class:`FusedStatistics` (which saves it): here they raise at once, in forward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        block = _fused_forward(x, keep, shift, spec, acc)
+        assert block is not None  # (fused_through compiled the kernel before)
+        ctx.save_for_backward(x, keep, shift)
+        ctx.spec, ctx.acc = spec, acc
+        ctx.set_materialize_grads(False)
+        return x.view_as(x), block
+
+    @staticmethod
+    def backward(
+        ctx: Any, g_y: Tensor | None, g_block: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        x, keep, shift = ctx.saved_tensors
+        spec: BlockSpec = ctx.spec
+        if g_block is None or not spec.differentiated:
+            return g_y, None, None, None, None
+        gx = _fused_backward(x, keep, shift, g_block, spec, ctx.acc, g_y)
+        if gx.shape != x.shape:  # (not a view otherwise)
+            gx = gx.view(x.shape)
+        return gx, None, None, None, None
+
+
+def fused_through(
+    x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+) -> tuple[Tensor, Tensor] | None:
+    """``(y, block)`` of :class:`FusedThrough` for a module's output ``x``, or None where the fused
+    kernels do not apply (the caller then records through :func:`fused_statistics`)."""
+    if torch.compiler.is_compiling() or not spec.differentiated or not _fusable(x, spec):
+        return None
+    if shift is not None and (shift.device != x.device or shift.dtype != acc):
+        shift = shift.to(device=x.device, dtype=acc)
+    x2 = x.reshape(-1, spec.d)
+    k2 = None if keep is None else keep.reshape(-1)
+    gram = "couter" in spec.wanted
+    rows_out = gram and not (shift is None and keep is None and x.dtype == acc)
+    if _fused.forward_kernel(spec, x2, k2, shift, acc, rows_out) is None:
+        return None
+    with no_autocast(x):
+        y, block = FusedThrough.apply(x, keep, shift, spec, acc)
+    return y, block
 
 
 #: primitives whose gradient multiplies the activation: where it is inf or NaN, a failed step's
