@@ -18,6 +18,11 @@ Triton on a GPU) turn each into one kernel:
   ``(x - c) G`` from a matmul computed before), NaN set to 0 where a term multiplies ``x``
   (infinities kept, see ``statistics._zero_nan_``), masked positions 0, cast to ``x``'s dtype.
 
+A regularized module's output is returned through the statistics' node
+(``statistics.FusedThrough``, a view of the output): its backward receives the downstream gradient
+and returns it with the statistics' term added by the same kernel, so autograd has no separate
+gradient of the activation to add in a pass of its own.
+
 Each kernel is traced once with symbolic sizes (``make_fx``) and compiled with
 ``torch._inductor.standalone_compile``: one kernel serves every number of positions (a new batch
 size does not recompile), and it is called without dynamo's per-call machinery. Kernels are cached
