@@ -13,7 +13,9 @@
 model copy and SGD optimizer, ``sync="global"`` (a single rank: no collective). With ``--compile``
 every variant's model (``none`` too) is ``torch.compile``-d (inductor, default settings) and the
 first steps' time, compile included, is reported per variant. ``--threads`` torch threads
-(default 1, so that background load on a shared machine disturbs less). Rounds, paired ratios and
+(default 1, so that background load on a shared machine disturbs less); ``--clock thread`` times the
+rounds by this thread's CPU time instead of the wall clock (the time a loaded machine keeps the
+process waiting for a core is left out; contention for caches and memory is not). Rounds, paired ratios and
 the order rotation are as below; the warm-up runs ``max(--warmup, 3)`` steps (compiled models
 recompile on the second step, when the hooks leave their first-step path).
 
@@ -260,14 +262,15 @@ def run_single(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.perf_counter()
             v.step(*pool[i % len(pool)])
             first[v.name].append(time.perf_counter() - t0)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     rounds: dict[str, list[float]] = {v.name: [] for v in variants}
     for r in range(args.rounds):
         k = r % len(variants)
         for v in variants[k:] + variants[:k]:
-            t0 = time.perf_counter()
+            t0 = clock()
             for i in range(args.steps_per_round):
                 v.step(*pool[i % len(pool)])
-            rounds[v.name].append((time.perf_counter() - t0) / args.steps_per_round)
+            rounds[v.name].append((clock() - t0) / args.steps_per_round)
     return {"round_s": rounds, "warmup_s": first}
 
 
@@ -278,9 +281,9 @@ def report_single(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, An
     m = machine()
     mode_name = "torch.compile (inductor)" if args.compile else "eager"
     print(
-        f"one process, {args.threads} thread(s), {mode_name}, SGD, {args.layers} x Linear({args.width}, "
-        f"{args.width}) + ReLU regularized, batch {args.batch}; {args.rounds} interleaved rounds x "
-        f"{args.steps_per_round} steps per variant"
+        f"one process, {args.threads} thread(s), {mode_name}, {args.clock} clock, SGD, {args.layers} x "
+        f"Linear({args.width}, {args.width}) + ReLU regularized, batch {args.batch}; {args.rounds} "
+        f"interleaved rounds x {args.steps_per_round} steps per variant"
     )
     print(
         f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, model name {m['cpu_model'] or '?'!r}, "
@@ -431,6 +434,13 @@ def main() -> None:
     p.add_argument("--single", action="store_true", help="one process, no DDP: none / L1 / DeCov")
     p.add_argument("--compile", action="store_true", help="--single: torch.compile every variant's model")
     p.add_argument("--threads", type=int, default=1, help="--single: torch threads")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="--single: time rounds by wall clock, or by this thread's CPU time (time spent waiting "
+        "for a core on a loaded machine is left out; needs --threads 1)",
+    )
     p.add_argument("--penalties", default="L1,DeCov", help="--single: variants besides none")
     args = p.parse_args()
     if args.rounds < 1 or args.steps_per_round < 1 or args.layers < 1:
