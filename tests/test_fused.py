@@ -4,8 +4,9 @@ Every penalty family of tests/problem.py, masked and unmasked: 3 SGD steps of th
 model with ``fused=True``, against the float64 single-process reference written from the formulas
 (tests/reference.py, ``rtol=1e-7`` as tests/test_exactness.py) and against ``fused=False``; one
 process (in this process) and W = 2 gloo ranks with uneven shards. A float32 slot with every
-primitive the kernels compute (``|x|``, ``x^2``, sums, centred sums and squares, the Gram matrix)
-against float64. Kernels are small (6 and 4 units, 21 positions) and compile once per layout and
+primitive the kernels compute (``|x|``, ``x^2``, sums, centred sums and squares)
+against float64; the Gram matrix's maths (DeCov, Covariance), fused under torch.compile only, in
+a compiled model. Kernels are small (6 and 4 units, 21 positions) and compile once per layout and
 process; inductor's on-disk cache serves the second process. The rest of the suite runs the eager
 statistics (``ACTREG_FUSED=0`` in conftest.py).
 """
@@ -42,6 +43,9 @@ NAMES = list(CASES)
 #: own statistics -- TAR's differences, router softmax/top-k counts, logsumexp -- next to a fused
 #: block that only feeds the activity metrics)
 FUSED_GRADIENT = ["L1", "L2", "AR", "KLSparsity", "DeCov", "VarianceFloor", "Covariance"]
+#: families with a Gram matrix: fused (traced) under torch.compile only, the eager statistics
+#: otherwise (their matmuls dominate; see benchmarks/README.md)
+GRAM = {"DeCov", "Covariance"}
 
 
 def _unmasked_batch(step: int) -> tuple[Tensor, Tensor]:
@@ -106,7 +110,10 @@ def test_one_process_matches_float64_reference_and_eager(
     name: str, masked: bool, monkeypatch: pytest.MonkeyPatch, calls: list[int]
 ) -> None:
     fused = _train(name, masked, fused=True)
-    assert calls, f"{name}: no fused kernel ran"
+    if name in GRAM:  # eager statistics outside torch.compile (see statistics._fusable)
+        assert not calls, f"{name}: a fused kernel ran for a slot with a Gram matrix"
+    else:
+        assert calls, f"{name}: no fused kernel ran"
     _compare(fused, _reference(name, masked, 1, monkeypatch), f"{name} fused vs float64 reference")
     _compare(fused, _train(name, masked, fused=False), f"{name} fused vs eager", rtol=1e-10)
     assert any(np.abs(g).max() > 1e-4 for g in fused["grads"][0]), f"{name}: gradient is ~0"
@@ -138,10 +145,11 @@ def test_fsdp2_matches_float64_reference(pools, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_float32_every_primitive_against_float64(calls: list[int]) -> None:
-    """One float32 slot with L1, L2, KLSparsity, VarianceFloor and DeCov (every primitive the
-    kernels compute, the Gram matrix's rows centred), masked, a new batch size each step: values
-    and gradients within float32 rounding of float64, and no kernel compiled after the first sizes."""
-    penalties = ["L1", "L2", "KLSparsity", "VarianceFloor", "DeCov"]
+    """One float32 slot with L1, L2, KLSparsity and VarianceFloor (every primitive the kernels
+    compute outside torch.compile, centred sums and squares included), masked, a new batch size each
+    step: values and gradients within float32 rounding of float64, and no kernel compiled after the
+    first sizes."""
+    penalties = ["L1", "L2", "KLSparsity", "VarianceFloor"]
 
     def run(dtype: torch.dtype, fused: bool) -> list[tuple[float, list[Tensor]]]:
         model = make_model().to(dtype)

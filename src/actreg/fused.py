@@ -39,7 +39,9 @@ model's graph (no separate kernel is called; inductor fuses them with their neig
 Fallback and opt-out: the eager code of ``statistics.FusedStatistics`` runs when this torch has no
 ``standalone_compile``, when compiling a kernel fails (a warning, once per kernel; e.g. no C++
 compiler), for layouts the kernels do not cover (the Gram matrix sent as rows, fewer than 2
-positions or units, a non-contiguous activation) and when fused kernels are turned off:
+positions or units, a non-contiguous activation; and, outside ``torch.compile``, a slot with a
+Gram matrix: its two matmuls dominate, and separate kernels around them measured no faster than
+the eager statistics) and when fused kernels are turned off:
 ``ActivityRegularizer(..., fused=False)`` or the environment variable ``ACTREG_FUSED=0`` (read when
 a regularizer is built without ``fused=``).
 """
@@ -197,7 +199,9 @@ def backward_math(
         add(gram * 2)
     assert gx is not None
     if diff & {"sq_sum", "csq", "couter"}:
-        gx = torch.nan_to_num(gx, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        # NaN -> 0, infinities kept: as nan_to_num(nan=0, posinf=inf, neginf=-inf), whose NaN test
+        # inductor's C++ backend runs element by element; gx != gx is one vector compare
+        gx = torch.where(gx != gx, 0.0, gx)
     if keep is not None:
         gx = torch.where(keep.unsqueeze(-1), gx, 0.0)
     elif gx.shape != x.shape:

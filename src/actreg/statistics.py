@@ -232,15 +232,20 @@ class FusedStatistics(torch.autograd.Function):
 
 def _fusable(x: Tensor, spec: BlockSpec) -> bool:
     """Whether the fused kernels cover this recording: a contiguous activation of >= 2 positions
-    and >= 2 units, and no Gram matrix sent as rows (shapes only: nothing is read from the device)."""
+    and >= 2 units, and no Gram matrix sent as rows (shapes only: nothing is read from the device).
+
+    Outside ``torch.compile``, not a slot with a Gram matrix either: its two ``n x d x d`` matmuls
+    dominate, and the separate kernels measured no faster than the eager statistics around them
+    (benchmarks/README.md); under ``torch.compile`` the fused maths is traced for every slot."""
     d = spec.d
+    gram = "couter" in spec.wanted
     return (
         x.dim() >= 1
         and d >= 2
         and x.shape[-1] == d
         and x.numel() >= 2 * d
         and x.is_contiguous()
-        and ("couter" not in spec.wanted or spec.form == "gram")
+        and (not gram or (spec.form == "gram" and torch.compiler.is_compiling()))
     )
 
 
