@@ -3,9 +3,21 @@
     python benchmarks/bench_step.py                                  # the issue's targets (defaults below)
     python benchmarks/bench_step.py --all --json runs/bench.json     # + global-L1+VF, raw round times
     python benchmarks/bench_step.py --rounds 2 --steps-per-round 3 --width 64    # smoke test, seconds
+    python benchmarks/bench_step.py --single [--compile]            # one process: L1 and DeCov vs none
 
     [--nproc 2] [--layers 8] [--width 512] [--batch 128] [--rounds 20] [--steps-per-round 10]
-    [--warmup 5] [--all] [--json PATH]
+    [--warmup 5] [--all] [--json PATH] [--single [--compile] [--threads 1] [--penalties L1,DeCov]]
+
+``--single``: one process, no process group (what a new user tries first). Variants ``none``,
+``L1`` (``actreg.L1(1e-4)`` on every ReLU) and ``DeCov`` (``actreg.DeCov(1e-4)``), each with its own
+model copy and SGD optimizer, ``sync="global"`` (a single rank: no collective). With ``--compile``
+every variant's model (``none`` too) is ``torch.compile``-d (inductor, default settings) and the
+first steps' time, compile included, is reported per variant. ``--threads`` torch threads
+(default 1, so that background load on a shared machine disturbs less); ``--clock thread`` times the
+rounds by this thread's CPU time instead of the wall clock (the time a loaded machine keeps the
+process waiting for a core is left out; contention for caches and memory is not). Rounds, paired ratios and
+the order rotation are as below; the warm-up runs ``max(--warmup, 3)`` steps (compiled models
+recompile on the second step, when the hooks leave their first-step path).
 
 Each of ``--nproc`` gloo ranks (spawned, one thread each) trains, under DDP with SGD and
 cross-entropy, an MLP of ``--layers`` hidden ``Linear(width, width) + ReLU`` then
@@ -203,6 +215,104 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Any)
     dist.destroy_process_group()
 
 
+SINGLE_VARIANTS = ["none", "L1", "DeCov"]
+
+
+class SingleVariant:
+    """One variant of ``--single``: model copy, optional ``torch.compile``, optimizer, regularizer."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name = name
+        self.model = build(args.layers, args.width)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
+        self.reg: Any = None
+        if name != "none":
+            makers: dict[str, Callable[[], Any]] = {
+                "L1": lambda: actreg.L1(WEIGHT),
+                "DeCov": lambda: actreg.DeCov(WEIGHT),
+                "L1+VF": lambda: [actreg.L1(WEIGHT), actreg.VarianceFloor(1.0)],
+            }
+            penalties = {n: makers[name]() for n in relu_names(args.layers)}
+            self.reg = actreg.ActivityRegularizer(self.model, penalties, sync="global")
+        self.net: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(self.model) if args.compile else self.model
+        )
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        if self.reg is not None:
+            loss = loss + self.reg.loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+def run_single(args: argparse.Namespace) -> dict[str, Any]:
+    """``--single``: interleaved paired rounds in this process; returns round times and warm-up times."""
+    torch.set_num_threads(args.threads)
+    names = ["none", *(n for n in args.penalties.split(",") if n)]
+    variants = [SingleVariant(n, args) for n in names]
+    gen = torch.Generator().manual_seed(1000)
+    xs = [torch.randn(args.batch, args.width, generator=gen) for _ in range(4)]
+    pool = [(x, torch.randint(0, 10, (args.batch,), generator=gen)) for x in xs]
+    first: dict[str, list[float]] = {}
+    for v in variants:
+        first[v.name] = []
+        for i in range(max(args.warmup, 3)):
+            t0 = time.perf_counter()
+            v.step(*pool[i % len(pool)])
+            first[v.name].append(time.perf_counter() - t0)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    rounds: dict[str, list[float]] = {v.name: [] for v in variants}
+    for r in range(args.rounds):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            t0 = clock()
+            for i in range(args.steps_per_round):
+                v.step(*pool[i % len(pool)])
+            rounds[v.name].append((clock() - t0) / args.steps_per_round)
+    return {"round_s": rounds, "warmup_s": first}
+
+
+def report_single(args: argparse.Namespace, res: dict[str, Any]) -> dict[str, Any]:
+    """Print ``--single``'s table; return the summary for ``--json``."""
+    times: dict[str, list[float]] = res["round_s"]
+    base = times["none"]
+    m = machine()
+    mode_name = "torch.compile (inductor)" if args.compile else "eager"
+    print(
+        f"one process, {args.threads} thread(s), {mode_name}, {args.clock} clock, SGD, {args.layers} x "
+        f"Linear({args.width}, {args.width}) + ReLU regularized, batch {args.batch}; {args.rounds} "
+        f"interleaved rounds x {args.steps_per_round} steps per variant"
+    )
+    print(
+        f"machine: {m['cpu_count']} CPUs, torch {m['torch']}, model name {m['cpu_model'] or '?'!r}, "
+        f"Python {m['python']}; actreg fused statistics: {_fused_state()}\n"
+    )
+    print("| variant | median step (ms) | vs none: median of paired ratios [IQR] | first steps (s) |")
+    print("| --- | ---: | ---: | --- |")
+    summary: dict[str, Any] = {}
+    for v, ts in times.items():
+        q1, med, q3 = quartiles([t / b for t, b in zip(ts, base, strict=True)])
+        warm = res["warmup_s"][v]
+        summary[v] = {
+            "median_step_ms": 1e3 * statistics.median(ts),
+            "ratio_median": med,
+            "ratio_q1": q1,
+            "ratio_q3": q3,
+            "warmup_s": warm,
+        }
+        firsts = ", ".join(f"{t:.2f}" for t in warm[:3])
+        print(f"| {v} | {1e3 * statistics.median(ts):.2f} | {med:.3f}× [{q1:.3f}–{q3:.3f}] | {firsts} |")
+    return {"machine": m, "summary": summary}
+
+
+def _fused_state() -> str:
+    fused = getattr(actreg, "fused", None)
+    describe = getattr(fused, "describe", None)
+    return describe() if callable(describe) else "not available (this actreg has none)"
+
+
 def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
     """(q1, median, q3); all equal for a single value."""
     if len(xs) < 2:
@@ -321,9 +431,27 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant, once at the start")
     p.add_argument("--all", action="store_true", help="also the global-L1+VF variant (L1 + VarianceFloor)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write raw round times here")
+    p.add_argument("--single", action="store_true", help="one process, no DDP: none / L1 / DeCov")
+    p.add_argument("--compile", action="store_true", help="--single: torch.compile every variant's model")
+    p.add_argument("--threads", type=int, default=1, help="--single: torch threads")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="--single: time rounds by wall clock, or by this thread's CPU time (time spent waiting "
+        "for a core on a loaded machine is left out; needs --threads 1)",
+    )
+    p.add_argument("--penalties", default="L1,DeCov", help="--single: variants besides none")
     args = p.parse_args()
     if args.rounds < 1 or args.steps_per_round < 1 or args.layers < 1:
         p.error("--rounds, --steps-per-round and --layers must be at least 1")
+    if args.single:
+        out = report_single(args, run_single(args))
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+            args.json.write_text(json.dumps({"config": config, **out}, indent=1, default=str) + "\n")
+        return
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks before torch starts there
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,6 +4,8 @@
 
 Definition (deterministic: it counts dispatched ops, it does not time them):
 
+- The eager statistics (``fused=False``): the ops Python and autograd dispatch, also what runs
+  wherever no fused kernel can be compiled (a fused kernel is one call whatever it computes).
 - Model: an MLP of ``L`` hidden layers, ``nn.Sequential(Linear(w, w), ReLU(), ..., Linear(w, 10))``,
   float32, batch ``128``, one process (no process group). The regularized layers are the ReLU
   outputs (modules ``"1"``, ``"3"``, ...): ``penalties = {str(2 * i + 1): penalty for i in range(L)}``,
@@ -142,9 +144,9 @@ def regularize(
     """
     spec = penalties(config, layers, width)
     if not config.startswith("SequenceBalance"):
-        reg = actreg.ActivityRegularizer(model, spec, sync="global")
+        reg = actreg.ActivityRegularizer(model, spec, sync="global", fused=False)
         return reg, reg.remove
-    reg = actreg.ActivityRegularizer(model, spec, sync="global", observed=list(spec))
+    reg = actreg.ActivityRegularizer(model, spec, sync="global", observed=list(spec), fused=False)
     ids = torch.arange(batch) * SEQUENCES // batch
 
     def feed(name: str) -> Callable[..., None]:

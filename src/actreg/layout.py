@@ -48,6 +48,9 @@ class Slot:
         ]
         #: whether some penalty needs the Gram matrix of the centred rows (``DeCov``, ``Covariance``)
         self.gram = any("couter" in p._primitives.values() for p in self.penalties)
+        #: specs built so far, by their arguments (asked for every step by the packing and the
+        #: recorder: one BlockSpec each, not one per call)
+        self._specs: dict[tuple[int, float, str, int, int], BlockSpec] = {}
 
     def describe(self) -> tuple[str, bool, tuple[str, ...]]:
         # memory addresses (a function stored in a custom penalty) differ between processes
@@ -56,6 +59,13 @@ class Slot:
     def spec(self, d: int, threshold: float, form: str = "gram", rows: int = 0, kernel: int = 0) -> BlockSpec:
         """The fused primitives this slot records for ``d`` features; ``form``, ``rows``, ``kernel``:
         what its Gram matrix area holds, if it has one (see :class:`BlockSpec`)."""
+        key = (d, threshold, form, rows, kernel)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self._specs[key] = self._spec(d, threshold, form, rows, kernel)
+        return spec
+
+    def _spec(self, d: int, threshold: float, form: str, rows: int, kernel: int) -> BlockSpec:
         wanted: set[str] = set()
         differentiated: set[str] = set()
         for p in self.penalties:

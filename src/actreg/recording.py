@@ -24,7 +24,7 @@ from .penalty import Penalty
 from .positions import position_mask, require_bool_mask
 from .shifts import Shifts
 from .slots import match_glob
-from .statistics import BlockSpec, FiniteGradient, fused_statistics, no_autocast
+from .statistics import BlockSpec, FiniteGradient, fused_statistics, fused_through, no_autocast
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Recorder:
         self.dtype: torch.dtype | None = None  #: statistics dtype, once agreed (or given)
         self.device: torch.device | None = None  #: device of the first recorded activation
         self.record_eval = False  #: record modules in eval() mode too
+        #: statistics through the generated kernels of actreg.fused (ActivityRegularizer(fused=))
+        self.fused = False
         self.loaded_dims: dict[int, int] = {}  #: feature sizes of a loaded state (slot index -> d)
         self.recorded_last_step: set[int] = set()
         self.biases: dict[int, Tensor] = {}  #: slot index -> its expert bias (ExpertBias), live views
@@ -74,9 +76,9 @@ class Recorder:
 
     # ------------------------------------------------------------------ entry points
     def _hook(self, index: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if not torch.is_grad_enabled() or not (module.training or self.record_eval):
-                return
+                return None
             x = _first_tensor(output)
             if x is None:
                 self.fail(
@@ -84,8 +86,15 @@ class Recorder:
                     f"the output of the module is a {type(output).__name__}, not a tensor; "
                     "record the tensor you mean with reg.observe(name, tensor)",
                 )
-                return
-            self.record(index, x, self._mask_for(self.layout.slots[index].name))
+                return None
+            y = self.record(index, x, self._mask_for(self.layout.slots[index].name), through=True)
+            if y is None:
+                return None
+            # the output passes through the statistics' node (see statistics.FusedThrough)
+            if isinstance(output, Tensor):
+                return y
+            return type(output)((y, *output[1:]))
+
 
         return hook
 
@@ -141,9 +150,19 @@ class Recorder:
         self._records = Records()
 
     # ------------------------------------------------------------------ statistics
-    def record(self, index: int, x: Tensor, mask: Tensor | None, sequence: Tensor | None = None) -> None:
+    def record(
+        self,
+        index: int,
+        x: Tensor,
+        mask: Tensor | None,
+        sequence: Tensor | None = None,
+        through: bool = False,
+    ) -> Tensor | None:
         """``sequence``: each position's global sequence index, for penalties that take it
-        (``SequenceBalance``; ``reg.observe(..., sequence=)``)."""
+        (``SequenceBalance``; ``reg.observe(..., sequence=)``). ``through`` (a module's output):
+        where the fused kernels apply, return ``x`` passed through the statistics' node, for the
+        module to return instead (its gradient then takes the statistics' term in the same pass);
+        None otherwise."""
         # a mask from reg.observe (those of reg.mask were checked on entry): a TypeError at the call
         if mask is not None and getattr(mask, "dtype", None) is not torch.bool:
             require_bool_mask(mask, f"reg.observe({self.layout.slots[index].name!r}, tensor, mask)")
@@ -154,17 +173,16 @@ class Recorder:
             if index not in self.recorded_last_step:
                 self._warn_unrecorded(index)
             keep = position_mask(x, mask)
-            self._block(index, x, keep, self.shifts.last_step.get(index), 0, sequence)
-            return
+            return self._block(index, x, keep, self.shifts.last_step.get(index), 0, sequence, through)[1]
         rows = self._records.positions.get(index, 0)
         try:
             self._check(index, x)
             keep = None if mask is None else position_mask(x, mask)
             shift = self.shifts.for_recording(index, x, keep, self._acc(x))
-            block = self._block(index, x, keep, shift, rows, sequence)
+            block, passed = self._block(index, x, keep, shift, rows, sequence, through)
         except Exception as err:
             self.fail(index, f"{type(err).__name__}: {err}")
-            return
+            return None
         self._records.positions[index] = rows + x.numel() // x.shape[-1]
         self.seen[index] = x.shape[-1]
         if self.device is None:
@@ -174,6 +192,7 @@ class Recorder:
         if index in blocks:
             block = self.layout.accumulate(index, x.shape[-1], blocks[index], block)
         blocks[index] = block
+        return passed
 
     def _acc(self, x: Tensor) -> torch.dtype:
         return self.dtype if self.dtype is not None else torch.promote_types(x.dtype, torch.float32)
@@ -186,7 +205,10 @@ class Recorder:
         shift: Tensor | None,
         row: int,
         sequence: Tensor | None = None,
-    ) -> Tensor:
+        through: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The slot's block for ``x``, and (``through``, where the fused kernels apply) ``x`` passed
+        through the statistics' node for the module to return instead (else None)."""
         d = x.shape[-1]
         capacity = self.layout.rows.get(index, 0)
         opened = self.layout.open_rows(index, d, row + x.numel() // d)  # (first step: rows, not the Gram)
@@ -201,10 +223,14 @@ class Recorder:
                 "than the Gram); keep the number of positions per step at most that of the first step"
             )
         acc = self._acc(x)
-        block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc, row)
         own = self.layout.slots[index].own
+        if through and self.fused and not own:
+            passed = fused_through(x, keep, shift if spec.centred else None, spec, acc)
+            if passed is not None:
+                return passed[1], passed[0]
+        block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc, row, self.fused)
         if not own:
-            return block
+            return block, None
         pieces = [block]
         bias = self.biases.get(index)
         # their backward may turn a failed step's zero gradient into NaN at a non-finite x
@@ -238,7 +264,7 @@ class Recorder:
                             f"statistic {name!r} of {p!r} has shape {tuple(t.shape)}, expected {tuple(shape)}"
                         )
                     pieces.append(t.reshape(-1).to(acc))
-        return torch.cat(pieces)
+        return torch.cat(pieces), None
 
     def _check(self, index: int, x: Tensor) -> None:
         if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0 or x.shape[-1] == 0:

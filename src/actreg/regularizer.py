@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
+from . import fused as _fused
 from .agreement import settle
 from .ema import MovingAverage
 from .exchange import Exchange, Exchanged, Packer
@@ -83,6 +84,13 @@ class ActivityRegularizer(Joinable):
             prefixes removed); the sums ride in the step's one collective (see
             :mod:`actreg.weights`). Their values appear in :meth:`metrics` as
             ``"weights/WeightL2"`` (``"weights/WeightL2_2"``, ... when repeated).
+        fused: compute each recorded activation's statistics with generated kernels (one pass in
+            forward, one in backward; see :mod:`actreg.fused`), compiled on first use of each
+            layout (seconds). ``None`` (default): on unless the environment variable
+            ``ACTREG_FUSED`` is ``0``; ``False``: the eager statistics. Either way the same values,
+            to rounding; the eager code also runs wherever a kernel cannot be compiled. With fused
+            kernels a regularized module returns its output as a view passed through the
+            statistics' node (in-place operations on it raise, as they did in backward before).
         record_eval: also record modules in ``eval()`` mode. By default a module records only
             while ``module.training`` (and :meth:`observe` only while the model is training), so
             an evaluation pass under autograd adds nothing to the next step's penalty.
@@ -115,6 +123,7 @@ class ActivityRegularizer(Joinable):
         activity_threshold: float = 0.0,
         record_eval: bool = False,
         weights: Mapping[str, WeightPenalty | Sequence[WeightPenalty]] | None = None,
+        fused: bool | None = None,
     ) -> None:
         super().__init__()  # Joinable
         self.mode = mode(sync)
@@ -148,6 +157,8 @@ class ActivityRegularizer(Joinable):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if stats_dtype is not None and not stats_dtype.is_floating_point:
             raise ValueError(f"stats_dtype must be a floating dtype, got {stats_dtype}")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be True, False or None (ACTREG_FUSED decides), got {fused!r}")
         self.sync = sync
         self.decay = float(decay)
         self.process_group = process_group
@@ -166,6 +177,8 @@ class ActivityRegularizer(Joinable):
         self.recorder = Recorder(self.layout, named_modules(self._root), self.shifts)
         self.recorder.dtype = stats_dtype
         self.recorder.record_eval = self.record_eval
+        self.fused = _fused.default_enabled() if fused is None else fused
+        self.recorder.fused = self.fused
         self.biases = ExpertBiases(self.layout, _device_of(self._root))  # ExpertBias routers
         self.recorder.biases = {i: self.biases.bias(i) for i in self.biases.routers}
         self.window = CountWindow(self.layout)  # LoadBalance(counts="window"): reduced counts so far

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import fused as _fused
+
 #: primitive statistics that the fused kernel computes, in block order
 PRIMITIVES = ("count", "abs_sum", "sq_sum", "active", "sum", "csum", "csq", "couter")
 #: derived primitive: ``count * d`` (elements of the kept positions), read from ``count``
@@ -130,8 +132,17 @@ class FusedStatistics(torch.autograd.Function):
         spec: BlockSpec,
         acc: torch.dtype,
         row_offset: int = 0,
+        fused: bool = False,
     ) -> Tensor:
         input_shape = x.shape
+        ctx.fused = False
+        if fused and _fusable(x, spec):
+            block = _fused_forward(x, keep, shift, spec, acc)
+            if block is not None:
+                ctx.save_for_backward(x, keep, shift)
+                ctx.spec, ctx.acc, ctx.input_shape, ctx.row_offset = spec, acc, input_shape, row_offset
+                ctx.fused = True
+                return block
         if x.dim() == 1:
             x = x.unsqueeze(0)
             keep = None if keep is None else keep.unsqueeze(0)
@@ -181,10 +192,17 @@ class FusedStatistics(torch.autograd.Function):
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:
         x, keep, shift = ctx.saved_tensors
         spec: BlockSpec = ctx.spec
         diff, at = spec.differentiated, spec.offsets
+        if not diff:
+            return None, None, None, None, None, None, None
+        if ctx.fused:
+            gf = _fused_backward(x, keep, shift, grad, spec, ctx.acc)
+            if gf.shape != ctx.input_shape:  # (not a view otherwise: autograd may then add into it)
+                gf = gf.view(ctx.input_shape)
+            return gf, None, None, None, None, None, None
         gx: Tensor | None = None
         if "abs_sum" in diff:
             gx = x.sign().mul_(grad[1])
@@ -198,7 +216,7 @@ class FusedStatistics(torch.autograd.Function):
             gc = _centred_grad(x, keep, shift, grad, spec, ctx.acc, ctx.row_offset)
             gx = gc if gx is None else gx + gc
         if gx is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         if diff & _TIMES_X:  # (gx is ours here: see _centred_grad)
             gx = _zero_nan_(gx)
         if keep is not None:
@@ -209,7 +227,144 @@ class FusedStatistics(torch.autograd.Function):
             gx = gx.to(x.dtype)
         if gx.shape != ctx.input_shape:
             gx = gx.reshape(ctx.input_shape)
-        return gx, None, None, None, None, None
+        return gx, None, None, None, None, None, None
+
+
+def _fusable(x: Tensor, spec: BlockSpec) -> bool:
+    """Whether the fused kernels cover this recording: a contiguous activation of >= 2 positions
+    and >= 2 units, and no Gram matrix sent as rows (shapes only: nothing is read from the device).
+
+    Outside ``torch.compile``, not a slot with a Gram matrix either: its two ``n x d x d`` matmuls
+    dominate, and the separate kernels measured no faster than the eager statistics around them
+    (benchmarks/README.md); under ``torch.compile`` the fused maths is traced for every slot."""
+    d = spec.d
+    gram = "couter" in spec.wanted
+    return (
+        x.dim() >= 1
+        and d >= 2
+        and x.shape[-1] == d
+        and x.numel() >= 2 * d
+        and x.is_contiguous()
+        and (not gram or (spec.form == "gram" and torch.compiler.is_compiling()))
+    )
+
+
+def _fused_forward(
+    x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+) -> Tensor | None:
+    """The block from one fused kernel (and the Gram matrix's matmul), or None when no kernel could
+    be compiled; traced inline under ``torch.compile``."""
+    d = spec.d
+    x2 = x.reshape(-1, d)
+    k2 = None if keep is None else keep.reshape(-1)
+    gram = "couter" in spec.wanted
+    rows_out = gram and not (shift is None and keep is None and x.dtype == acc)
+    if torch.compiler.is_compiling():
+        outs = _fused.forward_math(x2, k2, shift, spec, acc, rows_out)
+        if not gram:
+            return outs[0]
+        rows = outs[1] if rows_out else x2
+        return torch.cat([outs[0], (rows.mT @ rows).reshape(-1)])
+    kernel = _fused.forward_kernel(spec, x2, k2, shift, acc, rows_out)
+    if kernel is None:
+        return None
+    outs = _fused.call(kernel, x2, k2, shift)
+    if not gram:
+        head: Tensor = outs[0]
+        return head
+    rows = outs[1] if rows_out else x2
+    block = rows.new_empty(spec.size)
+    at = spec.offsets["couter"]
+    block[:at].copy_(outs[0])
+    torch.mm(rows.mT, rows, out=block[at:].view(d, d))
+    return block
+
+
+def _fused_backward(
+    x: Tensor,
+    keep: Tensor | None,
+    shift: Tensor | None,
+    grad: Tensor,
+    spec: BlockSpec,
+    acc: torch.dtype,
+    incoming: Tensor | None = None,
+) -> Tensor:
+    """``x``'s gradient ``[n, d]`` from one fused kernel (after the Gram term's matmul), plus
+    ``incoming`` (the gradient of the passed-through output, :class:`FusedThrough`) if given."""
+    d = spec.d
+    x2 = x.reshape(-1, d)
+    k2 = None if keep is None else keep.reshape(-1)
+    grad = grad.contiguous()
+    if incoming is not None:
+        incoming = incoming.reshape(-1, d).contiguous()
+    gram: Tensor | None = None
+    if "couter" in spec.differentiated:  # 2 (x - c) G is added by the kernel (G symmetric, see
+        g = grad[spec.offsets["couter"] : spec.offsets["couter"] + d * d].view(d, d)  # _centred_grad)
+        gram = _shifted(x2, shift, acc) @ g
+    if torch.compiler.is_compiling():
+        return _fused.backward_math(x2, k2, shift, grad, gram, spec, acc, incoming)
+    kernel = _fused.backward_kernel(spec, x2, k2, shift, grad, gram is not None, acc, incoming)
+    if kernel is None:
+        return _fused.backward_math(x2, k2, shift, grad, gram, spec, acc, incoming)
+    gx: Tensor = _fused.call(kernel, x2, k2, shift, grad, gram, incoming)[0]
+    return gx
+
+
+class FusedThrough(torch.autograd.Function):
+    """``y, block = FusedThrough.apply(x, keep, shift, spec, acc)``: a module's output ``x`` passed
+    through (``y`` a view of ``x``, what the module returns instead), and its statistics block.
+
+    Backward: ``g_x = g_y + d block / d x`` in one fused kernel. With :class:`FusedStatistics` the
+    statistics' gradient reaches ``x`` on its own and autograd adds it to the downstream gradient
+    in a pass of its own; here the downstream gradient comes in and goes out with the term added.
+    Used by module hooks only, where the fused kernels apply, outside ``torch.compile`` (inside, the
+    compiler fuses the add anyway). In-place operations on the module's output stay unsupported, as
+    with :class:`FusedStatistics` (which saves it): here they raise at once, in forward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        block = _fused_forward(x, keep, shift, spec, acc)
+        assert block is not None  # (fused_through compiled the kernel before)
+        ctx.save_for_backward(x, keep, shift)
+        ctx.spec, ctx.acc = spec, acc
+        ctx.set_materialize_grads(False)
+        return x.view_as(x), block
+
+    @staticmethod
+    def backward(
+        ctx: Any, g_y: Tensor | None, g_block: Tensor | None
+    ) -> tuple[Tensor | None, None, None, None, None]:
+        x, keep, shift = ctx.saved_tensors
+        spec: BlockSpec = ctx.spec
+        if g_block is None or not spec.differentiated:
+            return g_y, None, None, None, None
+        gx = _fused_backward(x, keep, shift, g_block, spec, ctx.acc, g_y)
+        if gx.shape != x.shape:  # (not a view otherwise)
+            gx = gx.view(x.shape)
+        return gx, None, None, None, None
+
+
+def fused_through(
+    x: Tensor, keep: Tensor | None, shift: Tensor | None, spec: BlockSpec, acc: torch.dtype
+) -> tuple[Tensor, Tensor] | None:
+    """``(y, block)`` of :class:`FusedThrough` for a module's output ``x``, or None where the fused
+    kernels do not apply (the caller then records through :func:`fused_statistics`)."""
+    if torch.compiler.is_compiling() or not spec.differentiated or not _fusable(x, spec):
+        return None
+    if shift is not None and (shift.device != x.device or shift.dtype != acc):
+        shift = shift.to(device=x.device, dtype=acc)
+    x2 = x.reshape(-1, spec.d)
+    k2 = None if keep is None else keep.reshape(-1)
+    gram = "couter" in spec.wanted
+    rows_out = gram and not (shift is None and keep is None and x.dtype == acc)
+    if _fused.forward_kernel(spec, x2, k2, shift, acc, rows_out) is None:
+        return None
+    with no_autocast(x):
+        y, block = FusedThrough.apply(x, keep, shift, spec, acc)
+    return y, block
 
 
 #: primitives whose gradient multiplies the activation: where it is inf or NaN, a failed step's
@@ -298,13 +453,15 @@ def fused_statistics(
     spec: BlockSpec,
     acc: torch.dtype,
     row_offset: int = 0,
+    fused: bool = False,
 ) -> Tensor:
     """The primitive part of a slot's block for activation ``x`` (``[..., d]``); in rows mode its
-    rows go to rows ``row_offset ...`` of the block's row area."""
+    rows go to rows ``row_offset ...`` of the block's row area. ``fused``: through the generated
+    kernels of :mod:`actreg.fused` where they apply."""
     if shift is not None and (shift.device != x.device or shift.dtype != acc):
         shift = shift.to(device=x.device, dtype=acc)
     with no_autocast(x):
-        block: Tensor = FusedStatistics.apply(x, keep, shift, spec, acc, row_offset)
+        block: Tensor = FusedStatistics.apply(x, keep, shift, spec, acc, row_offset, fused)
     return block
 
 

@@ -1,0 +1,294 @@
+"""Fused statistics kernels (actreg.fused): the same values and gradients as the eager statistics.
+
+Every penalty family of tests/problem.py, masked and unmasked: 3 SGD steps of the float64 problem
+model with ``fused=True``, against the float64 single-process reference written from the formulas
+(tests/reference.py, ``rtol=1e-7`` as tests/test_exactness.py) and against ``fused=False``; one
+process (in this process) and W = 2 gloo ranks with uneven shards. A float32 slot with every
+primitive the kernels compute (``|x|``, ``x^2``, sums, centred sums and squares)
+against float64; the Gram matrix's maths (DeCov, Covariance), fused under torch.compile only, in
+a compiled model. Kernels are small (6 and 4 units, 21 positions) and compile once per layout and
+process; inductor's on-disk cache serves the second process. The rest of the suite runs the eager
+statistics (``ACTREG_FUSED=0`` in conftest.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import actreg
+import actreg.fused
+import dist_cases_fused
+import reference
+from dist_cases import make_penalty
+from problem import CASES, IN_FEATURES, LR, STEPS, batch, make_model
+
+pytestmark = [
+    pytest.mark.skipif(
+        shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler"
+    ),
+    pytest.mark.skipif(not actreg.fused.available(), reason="this torch has no standalone_compile"),
+]
+
+RTOL = 1e-7
+ATOL = 1e-12
+NAMES = list(CASES)
+#: families whose statistics the fused kernels compute and differentiate (the others record their
+#: own statistics -- TAR's differences, router softmax/top-k counts, logsumexp -- next to a fused
+#: block that only feeds the activity metrics)
+FUSED_GRADIENT = ["L1", "L2", "AR", "KLSparsity", "DeCov", "VarianceFloor", "Covariance"]
+#: families with a Gram matrix: fused (traced) under torch.compile only, the eager statistics
+#: otherwise (their matmuls dominate; see benchmarks/README.md)
+GRAM = {"DeCov", "Covariance"}
+
+
+def _unmasked_batch(step: int) -> tuple[Tensor, Tensor]:
+    x, mask = batch(step)
+    return x, torch.ones_like(mask)
+
+
+def _reference(name: str, masked: bool, world_size: int, monkeypatch: pytest.MonkeyPatch) -> dict:
+    with monkeypatch.context() as m:
+        if not masked:
+            m.setattr(reference, "batch", _unmasked_batch)
+        return reference.run(name, CASES[name][1], "global", world_size, STEPS)
+
+
+def _train(name: str, masked: bool, fused: bool) -> dict[str, list]:
+    """dist_cases_fused.train on one process without DDP."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    reg = actreg.ActivityRegularizer(model, {CASES[name][1]: make_penalty(name)}, fused=fused)
+    grads, losses = [], []
+    for step in range(STEPS):
+        x, mask = batch(step)
+        opt.zero_grad()
+        if masked:
+            with reg.mask(mask):
+                y = model(x)
+        else:
+            y = model(x)
+        loss = reg.loss()
+        (loss + 0.0 * y.sum()).backward()  # every parameter gets a gradient, as in dist_cases
+        grads.append([p.grad.detach().numpy().copy() for p in model.parameters()])
+        losses.append(loss.item())
+        opt.step()
+    reg.remove()
+    return {"grads": grads, "loss": losses}
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The number of fused kernel calls made while the test runs (one entry per call)."""
+    made: list[int] = []
+    original = actreg.fused.call
+
+    def counting(kernel: actreg.fused.Kernel, *args: Tensor | None) -> tuple[Tensor, ...]:
+        made.append(1)
+        return original(kernel, *args)
+
+    monkeypatch.setattr(actreg.fused, "call", counting)
+    yield made
+
+
+def _compare(got: dict, want: dict, what: str, rtol: float = RTOL, atol: float = ATOL) -> None:
+    for step in range(STEPS):
+        for i, (g, r) in enumerate(zip(got["grads"][step], want["grads"][step], strict=True)):
+            np.testing.assert_allclose(g, r, rtol=rtol, atol=atol, err_msg=f"{what} step {step} param {i}")
+        assert got["loss"][step] == pytest.approx(want["loss"][step], rel=rtol, abs=atol), (what, step)
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+@pytest.mark.parametrize("name", NAMES)
+def test_one_process_matches_float64_reference_and_eager(
+    name: str, masked: bool, monkeypatch: pytest.MonkeyPatch, calls: list[int]
+) -> None:
+    fused = _train(name, masked, fused=True)
+    if name in GRAM:  # eager statistics outside torch.compile (see statistics._fusable)
+        assert not calls, f"{name}: a fused kernel ran for a slot with a Gram matrix"
+    else:
+        assert calls, f"{name}: no fused kernel ran"
+    _compare(fused, _reference(name, masked, 1, monkeypatch), f"{name} fused vs float64 reference")
+    _compare(fused, _train(name, masked, fused=False), f"{name} fused vs eager", rtol=1e-10)
+    assert any(np.abs(g).max() > 1e-4 for g in fused["grads"][0]), f"{name}: gradient is ~0"
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_two_gloo_ranks_match_float64_reference(pools, masked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """W = 2, shards of 5 and 2 sequences, DDP: every family with fused kernels, as one process."""
+    ranks = pools[2].run(dist_cases_fused.train, NAMES, masked, True, timeout=600)
+    for rank, result in enumerate(ranks):
+        assert result["kernels"] > 0, f"rank {rank}: no fused kernel was compiled"
+        for name in NAMES:
+            _compare(result[name], _reference(name, masked, 2, monkeypatch), f"{name} W=2 rank {rank}")
+
+
+def test_fsdp2_matches_float64_reference(pools, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FSDP2 ``fully_shard`` on 2 ranks (tests/test_exactness.py's case) with fused kernels on: the
+    module output passes through the statistics' node (``FusedThrough``) under FSDP's hooks."""
+    names = ["L1", "VarianceFloor", "Covariance", "KLSparsity"]
+    results = pools[2].run(dist_cases_fused.fsdp2, names, timeout=600)
+    if isinstance(results[0], str):
+        pytest.skip(results[0])
+    for name in names:
+        ref = _reference(name, True, 2, monkeypatch)
+        for rank, result in enumerate(results):
+            assert result[name]["loss"] == pytest.approx(ref["loss"][0], rel=RTOL)
+            for g, r in zip(result[name]["grads"], ref["grads"][0], strict=True):
+                np.testing.assert_allclose(g, r, rtol=RTOL, atol=ATOL, err_msg=f"{name} FSDP2 rank {rank}")
+
+
+def test_float32_every_primitive_against_float64(calls: list[int]) -> None:
+    """One float32 slot with L1, L2, KLSparsity and VarianceFloor (every primitive the kernels
+    compute outside torch.compile, centred sums and squares included), masked, a new batch size each
+    step: values and gradients within float32 rounding of float64, and no kernel compiled after the
+    first sizes."""
+    penalties = ["L1", "L2", "KLSparsity", "VarianceFloor"]
+
+    def run(dtype: torch.dtype, fused: bool) -> list[tuple[float, list[Tensor]]]:
+        model = make_model().to(dtype)
+        reg = actreg.ActivityRegularizer(model, {"1": [make_penalty(n) for n in penalties]}, fused=fused)
+        out = []
+        for step, rows in enumerate([7, 9, 12, 5]):
+            g = torch.Generator().manual_seed(40 + step)
+            x = torch.randn(rows, 3, IN_FEATURES, generator=g, dtype=torch.float64).to(dtype) * 1.5
+            mask = torch.rand(rows, 3, generator=g) > 0.3
+            if step == 2:
+                compiled = len(actreg.fused.compile_seconds)
+            model.zero_grad()
+            with reg.mask(mask):
+                y = model(x)
+            loss = reg.loss()
+            (loss + 0.0 * y.sum()).backward()
+            out.append((loss.item(), [p.grad.double().clone() for p in model.parameters()]))
+        if fused:
+            assert len(actreg.fused.compile_seconds) == compiled, "a new batch size compiled a kernel"
+        reg.remove()
+        return out
+
+    f32, e32, f64 = run(torch.float32, True), run(torch.float32, False), run(torch.float64, False)
+    assert calls
+    for (lf, gf), (le, ge), (l64, g64) in zip(f32, e32, f64, strict=True):
+        assert lf == pytest.approx(l64, rel=2e-5) and lf == pytest.approx(le, rel=2e-6)
+        for a, b, c in zip(gf, ge, g64, strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(actreg.fused, "_compile", broken)
+    monkeypatch.setattr(actreg.fused, "_kernels", {})
+    monkeypatch.setattr(actreg.fused, "compile_seconds", {})
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        got = _train("L1", True, fused=True)
+    _compare(got, _train("L1", True, fused=False), "L1 fallback vs eager", rtol=0, atol=0)
+
+
+def test_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.Sequential(nn.Linear(3, 4))
+    monkeypatch.setenv(actreg.fused.ENV, "0")
+    assert not actreg.ActivityRegularizer(model, {"0": actreg.L1(1.0)}).fused
+    assert actreg.ActivityRegularizer(model, {"0": actreg.L1(1.0)}, fused=True).fused
+    monkeypatch.setenv(actreg.fused.ENV, "1")
+    assert actreg.ActivityRegularizer(model, {"0": actreg.L1(1.0)}).fused
+    assert not actreg.ActivityRegularizer(model, {"0": actreg.L1(1.0)}, fused=False).fused
+    with pytest.raises(ValueError, match="fused must be"):
+        actreg.ActivityRegularizer(model, {"0": actreg.L1(1.0)}, fused="yes")  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "kernels compiled" in actreg.fused.describe()
+
+
+def test_output_passes_through_the_statistics_node() -> None:
+    """A hooked module's output is passed through ``FusedThrough`` (its gradient takes the
+    statistics' term in the same kernel): for tensor and tuple outputs, and checkpointed
+    (non-reentrant) modules give the same gradients as the eager statistics."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(IN_FEATURES, 6)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            h = torch.sigmoid(self.lin(x))
+            return h, h.sum(-1)
+
+    def run(fused: bool, checkpointed: bool) -> tuple[str, list[Tensor]]:
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"pair": Pair(), "head": nn.Linear(6, 2)}).double()
+        reg = actreg.ActivityRegularizer(model, {"pair": make_penalty("L1")}, fused=fused)
+        x, mask = batch(0)
+        seen = []
+        if checkpointed:  # (a mask set by reg.mask is not there when the checkpoint recomputes)
+            h, s = checkpoint(model["pair"], x, use_reentrant=False)
+        else:
+            with reg.mask(mask):
+                h, s = model["pair"](x)
+        seen.append(type(h.grad_fn).__name__)
+        loss = reg.loss() + model["head"](h).square().mean() + s.mean()
+        loss.backward()
+        reg.remove()
+        return seen[0], [p.grad.clone() for p in model.parameters()]
+
+    for checkpointed in (False, True):
+        node, got = run(True, checkpointed)
+        if not checkpointed:
+            assert node == "FusedThroughBackward", node
+        _, want = run(False, checkpointed)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_model_traces_the_fused_maths_without_graph_breaks() -> None:
+    """Under torch.compile of the model the per-layer statistics are the fused maths traced into
+    the model's graph (no kernel call, no graph break), with the eager values and gradients."""
+    import torch._dynamo
+
+    def step(run: object, model: nn.Module, reg: actreg.ActivityRegularizer, step: int) -> tuple[float, list]:
+        x, mask = batch(step)
+        model.zero_grad()
+        with reg.mask(mask):
+            y = run(x)  # type: ignore[operator]
+        loss = reg.loss()
+        (loss + 0.0 * y.sum()).backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
+
+    penalties = ["L1", "L2", "KLSparsity", "VarianceFloor", "DeCov"]
+    results = []
+    for compiled in (False, True):
+        model = make_model()
+        reg = actreg.ActivityRegularizer(model, {"1": [make_penalty(n) for n in penalties]}, fused=True)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        results.append([step(run, model, reg, s) for s in range(STEPS)])
+        if compiled:
+            x, mask = batch(0)
+            with reg.mask(mask):
+                explained = torch._dynamo.explain(model)(x)
+            reg.loss()
+            assert explained.graph_break_count == 0, explained.break_reasons
+        reg.remove()
+    for (le, ge), (lc, gc) in zip(*results, strict=True):
+        assert lc == pytest.approx(le, rel=1e-10)
+        for a, b in zip(gc, ge, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_training_step_never_reads_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/test_hot_path.py's step check (every built-in penalty, a padding mask, ``global``)
+    with the fused kernels on: no host read, no reading op (the kernels compile in its warm-up)."""
+    import test_hot_path
+
+    monkeypatch.setenv(actreg.fused.ENV, "1")
+    before = len(actreg.fused.compile_seconds)
+    test_hot_path.test_training_step_never_reads_the_device("global")
+    assert len(actreg.fused.compile_seconds) > before or actreg.fused._kernels
