@@ -50,7 +50,8 @@ def _maxvio(load: np.ndarray) -> np.ndarray:
 def _mi_bits(table: np.ndarray) -> float:
     p = table / table.sum()
     pd, pe = p.sum(1), p.sum(0)
-    return float(sum(p[d, e] * math.log2(p[d, e] / (pd[d] * pe[e])) for d, e in zip(*np.nonzero(p))))
+    rows, cols = np.nonzero(p)
+    return float(sum(p[d, e] * math.log2(p[d, e] / (pd[d] * pe[e])) for d, e in zip(rows, cols, strict=True)))
 
 
 def test_outputs_and_every_run(quick: tuple[Path, dict[str, Any]]) -> None:
@@ -125,7 +126,7 @@ def test_summary_is_mean_and_std_over_seeds(quick: tuple[Path, dict[str, Any]]) 
             assert std == pytest.approx(values.std(ddof=1), rel=1e-9, abs=1e-12)
 
 
-def test_same_start_same_data_and_the_losses_each_variant_computes(quick: tuple[Path, dict[str, Any]]) -> None:
+def test_same_start_same_data_and_each_variants_loss(quick: tuple[Path, dict[str, Any]]) -> None:
     _, payload = quick
     runs = _runs(payload)
     for s in SEEDS:
@@ -155,8 +156,16 @@ def test_metric_functions_on_known_tables() -> None:
     assert top2_share(torch.tensor([[5.0, 3.0, 2.0, 0.0]])).tolist() == pytest.approx([0.8])
 
 
+def test_seed_ranges() -> None:
+    from actreg.demo.moe_config import _ints
+
+    assert _ints("0-3,7") == [0, 1, 2, 3, 7]
+    assert _ints("5") == [5]
+
+
 def test_bad_options_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["moe", "--variants", "none,nope"]) == 2
     assert "unknown variant 'nope'" in capsys.readouterr().err
     assert main(["moe", "--domains", "english"]) == 2
     assert main(["moe", "--top-k", "9"]) == 2
+    assert main(["moe", "--seeds", "1,1"]) == 2

@@ -98,10 +98,17 @@ class MoEConfig:
 
 
 def _ints(text: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-11"`` (inclusive ranges) -> a list of integers."""
+    out: list[int] = []
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        for part in (t.strip() for t in text.split(",") if t.strip()):
+            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers or ranges (0-11), got {text!r}"
+        ) from None
+    return out
 
 
 def _names(text: str) -> list[str]:
@@ -115,7 +122,11 @@ def add_moe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", default=None, help="a few seconds of training")
     parser.add_argument("--out", metavar="DIR", help=f"output directory (default {d.out})")
     parser.add_argument("--nproc", type=int, metavar="W", help=f"worker processes (default {d.nproc})")
-    parser.add_argument("--seeds", type=_ints, help="comma-separated seeds (default 0,1,2; --quick 0,1)")
+    parser.add_argument(
+        "--seeds",
+        type=_ints,
+        help="seeds, comma-separated or ranges such as 0-11 (default 0,1,2; --quick 0,1)",
+    )
     parser.add_argument(
         "--variants", type=_names, help=f"comma-separated, from {','.join(VARIANTS)} (default all)"
     )

@@ -79,26 +79,35 @@ def format_table(summary: Mapping[str, Mapping[str, Sequence[float]]], domains: 
     return "\n".join(lines)
 
 
-def _paired(runs: Sequence[Mapping[str, Any]], a: str, b: str, key: str) -> list[float]:
-    """Per-seed differences ``b - a`` of figure ``key`` (seeds both variants ran)."""
-    by = {(r["variant"], r["seed"]): r["figures"][key] for r in runs}
-    return [by[(b, s)] - by[(a, s)] for (v, s) in by if v == a and (b, s) in by]
+def _paired(
+    runs: Sequence[Mapping[str, Any]], a: str, b: str, key: str, relative: bool = False
+) -> list[float]:
+    """Per-seed differences ``b - a`` (``relative``: ``b / a - 1``) of figure ``key``, over the seeds
+    both variants ran."""
+    by = {(r["variant"], r["seed"]): float(r["figures"][key]) for r in runs}
+    pairs = [(by[(a, s)], by[(b, s)]) for (v, s) in by if v == a and (b, s) in by]
+    return [y / x - 1 if relative else y - x for x, y in pairs]
 
 
 def format_paired(runs: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> list[str]:
-    """Lines: the per-seed difference of each variant's perplexity and MI against ``micro``."""
+    """Lines: each variant against ``micro``, paired by seed -- the relative change of perplexity
+    and the change of MI, mean ± std over the seeds, and in how many seeds it went which way."""
     if "micro" not in variants:
         return []
     lines = []
     for v in variants:
         if v == "micro":
             continue
-        for key, name in (("ppl/overall", "ppl"), ("mi_bits", "MI")):
-            d = _paired(runs, "micro", v, key)
-            if d:
-                m, s = mean_std(d)
-                each = ", ".join(f"{x:+.4f}" for x in d)
-                lines.append(f"- `{v}` − `micro`, {name}: {m:+.4f} ± {s:.4f} (per seed: {each})")
+        ppl = [100 * d for d in _paired(runs, "micro", v, "ppl/overall", relative=True)]
+        mi = _paired(runs, "micro", v, "mi_bits")
+        if not ppl:
+            continue
+        (pm, ps), (mm, ms) = mean_std(ppl), mean_std(mi)
+        lines.append(
+            f"- `{v}` vs `micro`: perplexity {pm:+.2f}% ± {ps:.2f}% (lower in {sum(d < 0 for d in ppl)} of "
+            f"{len(ppl)} seeds; per seed {', '.join(f'{d:+.2f}%' for d in ppl)}), MI {mm:+.3f} ± {ms:.3f} "
+            f"bits (higher in {sum(d > 0 for d in mi)} of {len(mi)})"
+        )
     return lines
 
 
