@@ -10,9 +10,9 @@ import pytest
 from _pool import WorkerPool
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# fused statistics kernels (actreg.fused) compile on first use of each layout, seconds each: the suite
-# runs the eager statistics unless a test asks for fused=True (tests/test_fused.py); inherited by
-# the gloo workers
+# fused statistics kernels (actreg.fused, opt-in) compile on first use of each layout, seconds each:
+# the suite runs the eager statistics (the default) also where ACTREG_FUSED=1 is set outside, unless
+# a test asks for fused=True (tests/test_fused.py); inherited by the gloo workers
 os.environ.setdefault("ACTREG_FUSED", "0")
 
 

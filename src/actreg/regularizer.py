@@ -86,11 +86,12 @@ class ActivityRegularizer(Joinable):
             ``"weights/WeightL2"`` (``"weights/WeightL2_2"``, ... when repeated).
         fused: compute each recorded activation's statistics with generated kernels (one pass in
             forward, one in backward; see :mod:`actreg.fused`), compiled on first use of each
-            layout (seconds). ``None`` (default): on unless the environment variable
-            ``ACTREG_FUSED`` is ``0``; ``False``: the eager statistics. Either way the same values,
-            to rounding; the eager code also runs wherever a kernel cannot be compiled. With fused
-            kernels a regularized module returns its output as a view passed through the
-            statistics' node (in-place operations on it raise, as they did in backward before).
+            layout (seconds). ``None`` (default): only if the environment variable
+            ``ACTREG_FUSED`` is ``1`` (opt-in); ``True``: on; ``False``: the eager statistics.
+            Either way the same values, to rounding; the eager code also runs wherever a kernel
+            cannot be compiled. With fused kernels a regularized module returns its output as a
+            view passed through the statistics' node (in-place operations on it raise in forward,
+            as they did in backward before).
         record_eval: also record modules in ``eval()`` mode. By default a module records only
             while ``module.training`` (and :meth:`observe` only while the model is training), so
             an evaluation pass under autograd adds nothing to the next step's penalty.
