@@ -156,6 +156,21 @@ def test_metric_functions_on_known_tables() -> None:
     assert top2_share(torch.tensor([[5.0, 3.0, 2.0, 0.0]])).tolist() == pytest.approx([0.8])
 
 
+def test_paired_test_is_scipys_paired_t_test() -> None:
+    from scipy import stats
+
+    from actreg.demo.moe_report import paired_test
+
+    a = np.array([9.87, 9.22, 10.12, 9.46, 9.39])
+    b = np.array([9.56, 9.24, 9.69, 9.53, 9.50])
+    diffs = (100 * (b / a - 1)).tolist()
+    se, t, p = paired_test(diffs)
+    ref = stats.ttest_rel(100 * b / a, np.full(5, 100.0))
+    assert t == pytest.approx(ref.statistic, rel=1e-9)
+    assert p == pytest.approx(ref.pvalue, rel=1e-9)
+    assert se == pytest.approx(np.std(diffs, ddof=1) / np.sqrt(5), rel=1e-12)
+
+
 def test_seed_ranges() -> None:
     from actreg.demo.moe_config import _ints
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections.abc import Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ._deps import pyplot
+from ._deps import pyplot, require
 from .moe_config import MoEConfig
 from .moe_data import SOURCES, Domain
 from .moe_metrics import domain_tables, max_violation, mean_std, mutual_information, run_figures, step_windows
@@ -89,9 +90,27 @@ def _paired(
     return [y / x - 1 if relative else y - x for x, y in pairs]
 
 
+def paired_test(diffs: Sequence[float]) -> tuple[float, float, float | None]:
+    """Standard error of the mean, paired t statistic and its two-sided p-value (scipy, which comes
+    with scikit-learn; ``None`` without it or with fewer than 2 seeds)."""
+    n = len(diffs)
+    mean, std = mean_std(diffs)
+    se = std / math.sqrt(n) if n > 1 else float("nan")
+    t = mean / se if n > 1 and se > 0 else float("nan")
+    p: float | None = None
+    if n > 1 and math.isfinite(t):
+        try:
+            stats = require("scipy.stats")
+        except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+            return se, t, None
+        p = float(2 * stats.t.sf(abs(t), n - 1))
+    return se, t, p
+
+
 def format_paired(runs: Sequence[Mapping[str, Any]], variants: Sequence[str]) -> list[str]:
     """Lines: each variant against ``micro``, paired by seed -- the relative change of perplexity
-    and the change of MI, mean ± std over the seeds, and in how many seeds it went which way."""
+    (mean ± std, standard error, paired t and p) and the change of MI, and in how many seeds each
+    went which way."""
     if "micro" not in variants:
         return []
     lines = []
@@ -103,10 +122,13 @@ def format_paired(runs: Sequence[Mapping[str, Any]], variants: Sequence[str]) ->
         if not ppl:
             continue
         (pm, ps), (mm, ms) = mean_std(ppl), mean_std(mi)
+        se, t, p = paired_test(ppl)
+        test = "one seed" if len(ppl) < 2 else f"s.e. {se:.2f}%, t = {t:.2f}"
+        test += "" if p is None else f", p = {p:.3f}"
         lines.append(
-            f"- `{v}` vs `micro`: perplexity {pm:+.2f}% ± {ps:.2f}% (lower in {sum(d < 0 for d in ppl)} of "
-            f"{len(ppl)} seeds; per seed {', '.join(f'{d:+.2f}%' for d in ppl)}), MI {mm:+.3f} ± {ms:.3f} "
-            f"bits (higher in {sum(d > 0 for d in mi)} of {len(mi)})"
+            f"- `{v}` vs `micro`: perplexity {pm:+.2f}% ± {ps:.2f}% ({test}; lower in "
+            f"{sum(d < 0 for d in ppl)} of {len(ppl)} seeds: {', '.join(f'{d:+.2f}%' for d in ppl)}), "
+            f"MI {mm:+.3f} ± {ms:.3f} bits (higher in {sum(d > 0 for d in mi)} of {len(mi)})"
         )
     return lines
 
