@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+pytest.importorskip("sklearn")  # the demo extra (its "numbers" domain; scipy comes with it)
+pytest.importorskip("matplotlib")
+
 from actreg.cli import main
 from actreg.demo.moe_config import QUICK, VARIANTS, MoEConfig
 from actreg.demo.moe_data import DEFAULT_DOMAINS
