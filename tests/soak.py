@@ -439,8 +439,9 @@ def _sums(family: str, args: tuple[float, ...], act: Tensor, mask: Tensor) -> di
             else torch.zeros(d, dtype=act.dtype)
         )
         if len(args) > 3 and args[3]:  # sigmoid scores normalised over the experts of each token
-            s = torch.sigmoid(x)
-            probs = s / s.sum(-1, keepdim=True)
+            # sigma_e / sum_j sigma_j, as a softmax of log-sigmoids: sigmoid underflows to 0 for
+            # very negative logits (0 / 0 in float64), its log does not
+            probs = torch.softmax(torch.nn.functional.logsigmoid(x), dim=-1)
         else:
             probs = torch.softmax(x, dim=-1)
         return {"f": f, "p": probs.sum(0), "n": n}
