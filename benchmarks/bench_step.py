@@ -133,7 +133,31 @@ class NaiveL1(HookTerms):
         self.terms.append(self.weight * abs_sum / count)
 
 
-class Variant:
+#: the penalty of each kind of variant, built once per regularized layer
+PENALTIES: dict[str, Callable[[], Any]] = {
+    "L1": lambda: actreg.L1(WEIGHT),
+    "DeCov": lambda: actreg.DeCov(WEIGHT),
+    "L1+VF": lambda: [actreg.L1(WEIGHT), actreg.VarianceFloor(1.0)],
+}
+
+
+class Trained:
+    """A model (``net``), its optimizer and its regularizer (``None``: no penalty): one step."""
+
+    net: Callable[[torch.Tensor], torch.Tensor]
+    opt: torch.optim.Optimizer
+    reg: Any
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        if self.reg is not None:
+            loss = loss + self.reg.loss()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+
+class Variant(Trained):
     """One variant on one rank: its own model copy, DDP wrapper, optimizer and regularizer."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
@@ -147,21 +171,9 @@ class Variant:
             self.reg = NaiveL1(self.model, names, WEIGHT)
         elif name != "none":
             sync, kind = name.split("-", 1)
-            makers: dict[str, Callable[[], Any]] = {
-                "L1": lambda: actreg.L1(WEIGHT),
-                "DeCov": lambda: actreg.DeCov(WEIGHT),
-                "L1+VF": lambda: [actreg.L1(WEIGHT), actreg.VarianceFloor(1.0)],
-            }
-            penalties = {n: makers[kind]() for n in names}
+            penalties = {n: PENALTIES[kind]() for n in names}
             self.reg = actreg.ActivityRegularizer(self.net, penalties, sync=sync)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        if self.reg is not None:
-            loss = loss + self.reg.loss()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
 
     def remove(self) -> None:
         if self.reg is not None:
@@ -218,7 +230,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: Any)
 SINGLE_VARIANTS = ["none", "L1", "DeCov"]
 
 
-class SingleVariant:
+class SingleVariant(Trained):
     """One variant of ``--single``: model copy, optional ``torch.compile``, optimizer, regularizer."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
@@ -227,24 +239,12 @@ class SingleVariant:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         self.reg: Any = None
         if name != "none":
-            makers: dict[str, Callable[[], Any]] = {
-                "L1": lambda: actreg.L1(WEIGHT),
-                "DeCov": lambda: actreg.DeCov(WEIGHT),
-                "L1+VF": lambda: [actreg.L1(WEIGHT), actreg.VarianceFloor(1.0)],
-            }
-            penalties = {n: makers[name]() for n in relu_names(args.layers)}
+            penalties = {n: PENALTIES[name]() for n in relu_names(args.layers)}
             self.reg = actreg.ActivityRegularizer(self.model, penalties, sync="global")
         self.net: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(self.model) if args.compile else self.model
         )
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        loss = nn.functional.cross_entropy(self.net(x), y)
-        if self.reg is not None:
-            loss = loss + self.reg.loss()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
 
 
 def run_single(args: argparse.Namespace) -> dict[str, Any]:
