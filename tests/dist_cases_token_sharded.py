@@ -26,9 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.profiler import ProfilerActivity, profile
 
 import actreg
-from dist_cases_moe import CP_SPLIT, STEPS, batch, dp_bounds, make_router
-
-LR = 0.5
+from dist_cases_moe import CP_SPLIT, LR, STEPS, batch, dp_bounds, make_router
 
 #: penalty of each case (all on the router's logits), built from its source on every rank
 CASES: dict[str, str] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,17 @@ def penalty_of(name: str, logits: Tensor, mask: Tensor) -> Tensor:
 @functools.cache
 def expected(name: str) -> dict[str, list]:
     """Plain SGD on one process over the whole batch, the penalty as the only loss."""
+    return sgd_on_whole_batch(functools.partial(penalty_of, name))
+
+
+def sgd_on_whole_batch(penalty: Callable[[Tensor, Tensor], Tensor]) -> dict[str, list]:
+    """Per step of plain SGD on the router over the whole batch, ``penalty(logits, mask)`` the only
+    loss: its value and its gradients."""
     router = make_router()
     losses, grads = [], []
     for step in range(STEPS):
         x, mask = batch(step)
-        loss = penalty_of(name, router(x), mask)
+        loss = penalty(router(x), mask)
         g = torch.autograd.grad(loss, list(router.parameters()))
         with torch.no_grad():
             for p, gp in zip(router.parameters(), g, strict=True):

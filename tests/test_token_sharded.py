@@ -14,12 +14,11 @@ import functools
 
 import numpy as np
 import pytest
-import torch
 from torch import Tensor
 
 import dist_cases_token_sharded as cases
-from dist_cases_moe import STEPS, batch, make_router
-from test_moe import balance, sequence_balance
+from dist_cases_moe import STEPS
+from test_moe import balance, sequence_balance, sgd_on_whole_batch
 
 RTOL = 1e-7
 ATOL = 1e-12
@@ -38,18 +37,7 @@ def penalty_of(name: str, logits: Tensor, mask: Tensor) -> Tensor:
 @functools.cache
 def expected(name: str) -> dict[str, list]:
     """Plain SGD on one process over the whole batch, the penalty as the only loss."""
-    router = make_router()
-    losses, grads = [], []
-    for step in range(STEPS):
-        x, mask = batch(step)
-        loss = penalty_of(name, router(x), mask)
-        g = torch.autograd.grad(loss, list(router.parameters()))
-        with torch.no_grad():
-            for p, gp in zip(router.parameters(), g, strict=True):
-                p -= cases.LR * gp
-        losses.append(loss.item())
-        grads.append([t.numpy().copy() for t in g])
-    return {"loss": losses, "grads": grads}
+    return sgd_on_whole_batch(functools.partial(penalty_of, name))
 
 
 @pytest.mark.parametrize(
