@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.checkpoint import checkpoint
 
 import actreg
+from dist_cases_window import micro_batch, shard_bounds
 
 TOKENS = 12
 IN_FEATURES = 5
@@ -57,16 +58,11 @@ def make_router() -> nn.Linear:
 
 def batch(step: int, micro: int) -> tuple[Tensor, Tensor]:
     """Global tokens ``[TOKENS, 5]`` and mask ``[TOKENS]`` of micro-batch ``micro`` of ``step``."""
-    g = torch.Generator().manual_seed(900 + 10 * step + micro)
-    x = torch.randn(TOKENS, IN_FEATURES, generator=g, dtype=torch.float64) * 2.0
-    mask = torch.rand(TOKENS, generator=g) > 0.25
-    return x, mask
+    return micro_batch(900, step, micro)
 
 
 def bounds(rank: int, world_size: int, micro: int) -> tuple[int, int]:
-    sizes = SHARDS[world_size][micro]
-    start = sum(sizes[:rank])
-    return start, start + sizes[rank]
+    return shard_bounds(SHARDS, rank, world_size, micro)
 
 
 def train(rank: int, world_size: int, names: list[str]) -> dict[str, Any]:

@@ -78,18 +78,30 @@ class Net(nn.Module):
         return self._route(x, mask)
 
 
-def batch(step: int, micro: int) -> tuple[Tensor, Tensor]:
-    """Global tokens ``[TOKENS, 5]`` and mask ``[TOKENS]`` of micro-batch ``micro`` of ``step``."""
-    g = torch.Generator().manual_seed(1300 + 10 * step + micro)
+def micro_batch(seed: int, step: int, micro: int) -> tuple[Tensor, Tensor]:
+    """Global tokens ``[TOKENS, 5]`` and mask ``[TOKENS]`` of micro-batch ``micro`` of ``step``,
+    drawn from ``seed`` (each test module its own)."""
+    g = torch.Generator().manual_seed(seed + 10 * step + micro)
     x = torch.randn(TOKENS, IN_FEATURES, generator=g, dtype=torch.float64) * 2.0
     mask = torch.rand(TOKENS, generator=g) > 0.25
     return x, mask
 
 
-def bounds(rank: int, world_size: int, micro: int) -> tuple[int, int]:
-    sizes = SHARDS[world_size][micro]
+def shard_bounds(
+    shards: dict[int, list[list[int]]], rank: int, world_size: int, micro: int
+) -> tuple[int, int]:
+    """``[start, stop)`` of ``rank``'s tokens in micro-batch ``micro`` (``shards``: sizes by world size)."""
+    sizes = shards[world_size][micro]
     start = sum(sizes[:rank])
     return start, start + sizes[rank]
+
+
+def batch(step: int, micro: int) -> tuple[Tensor, Tensor]:
+    return micro_batch(1300, step, micro)
+
+
+def bounds(rank: int, world_size: int, micro: int) -> tuple[int, int]:
+    return shard_bounds(SHARDS, rank, world_size, micro)
 
 
 def train(rank: int, world_size: int, names: list[str], sync: str = "global") -> dict[str, Any]:
