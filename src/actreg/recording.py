@@ -24,7 +24,16 @@ from .penalty import Penalty
 from .positions import position_mask, require_bool_mask
 from .shifts import Shifts
 from .slots import match_glob
-from .statistics import BlockSpec, FiniteGradient, fused_statistics, fused_through, no_autocast
+from .statistics import (
+    BlockSpec,
+    FiniteGradient,
+    KernelThrough,
+    Through,
+    fused_statistics,
+    fused_through,
+    no_autocast,
+    through_kernels,
+)
 
 
 @dataclass
@@ -35,6 +44,22 @@ class Records:
     errors: list[str] = field(default_factory=list)
     failed_slot: int = -1
     positions: dict[int, int] = field(default_factory=dict)  #: rows recorded per slot (masked too)
+
+
+@dataclass(frozen=True)
+class _Fast:
+    """A slot's fast path (see :meth:`Recorder._record_fast`): valid for activations of this shape,
+    dtype and device, while the layout, the statistics dtype and the loaded sizes stay as they were
+    when it was set up (a plain, unmasked, uncentred module output with agreed size)."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    rows: int
+    version: int
+    stats_dtype: torch.dtype | None
+    loaded: dict[int, int]
+    through: Through
 
 
 class Recorder:
@@ -58,6 +83,7 @@ class Recorder:
         self._specs: dict[tuple[int, int, int, int | None], BlockSpec] = {}
         self._warned: set[int] = set()
         self._checked: set[tuple[int, int]] = set()
+        self._fast: dict[int, _Fast] = {}  #: slot index -> its fast path (fused kernels only)
         for slot in layout.slots:
             takes = [p for p in slot.penalties if getattr(p, "_sequence_input", False)]
             if slot.from_module and takes:
@@ -79,6 +105,11 @@ class Recorder:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:
             if not torch.is_grad_enabled() or not (module.training or self.record_eval):
                 return None
+            fast = self._fast.get(index)
+            if fast is not None and type(output) is Tensor and not self._masks:
+                passed = self._record_fast(index, fast, output)
+                if passed is not None:
+                    return passed
             x = _first_tensor(output)
             if x is None:
                 self.fail(
@@ -97,6 +128,43 @@ class Recorder:
 
 
         return hook
+
+    def _record_fast(self, index: int, fast: _Fast, x: Tensor) -> Tensor | None:
+        """Record a module output ``x`` through the slot's bound kernels (:class:`KernelThrough`):
+        what :meth:`record` does for it, less the per-call decisions that :class:`_Fast` holds. None
+        when anything differs from the recording the fast path was set up from (the full path
+        then records): another shape, dtype or device, a second call in the step, a new layout
+        or loaded state, torch.compile tracing, a checkpoint recomputing in backward."""
+        records = self._records
+        if (
+            index in records.blocks
+            or x.shape != fast.shape
+            or x.dtype != fast.dtype
+            or x.device != fast.device
+            or fast.version != self.layout.version
+            or fast.stats_dtype is not self.dtype
+            or fast.loaded is not self.loaded_dims
+            or not x.is_contiguous()
+            or _compiling()
+            or _in_backward()
+        ):
+            return None
+        y, block = KernelThrough.apply(x, fast.through)
+        records.blocks[index] = block
+        records.positions[index] = fast.rows
+        return y
+
+    def _set_fast(self, index: int, x: Tensor, spec: BlockSpec, acc: torch.dtype) -> None:
+        """Set up slot ``index``'s fast path from a recording of ``x`` that the full path made
+        through the fused kernels: a module output, first in its step, unmasked, size agreed."""
+        if self.layout.dims[index] is None or self.layout.rows.get(index, 0):
+            return
+        through = through_kernels(x, spec, acc)
+        if through is not None:
+            self._fast[index] = _Fast(
+                x.shape, x.dtype, x.device, x.numel() // x.shape[-1], self.layout.version, self.dtype,
+                self.loaded_dims, through,
+            )
 
     @contextlib.contextmanager
     def mask(self, mask: Tensor | None, modules: str) -> Iterator[None]:
@@ -227,6 +295,8 @@ class Recorder:
         if through and self.fused and not own:
             passed = fused_through(x, keep, shift if spec.centred else None, spec, acc)
             if passed is not None:
+                if keep is None and row == 0 and not spec.centred and not _in_backward():
+                    self._set_fast(index, x, spec, acc)
                 return passed[1], passed[0]
         block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc, row, self.fused)
         if not own:

@@ -367,6 +367,60 @@ def fused_through(
     return y, block
 
 
+@dataclass(frozen=True)
+class Through:
+    """The two compiled kernels of a module output's statistics, bound once per layout: what the
+    recorder's fast path (:class:`KernelThrough`) calls with no lookup."""
+
+    spec: BlockSpec
+    acc: torch.dtype
+    forward: _fused.Kernel  #: ``forward(x2) -> (block,)``
+    backward: _fused.Kernel  #: ``backward(x2, g_block, g_y2) -> (g_x2,)``
+
+
+def through_kernels(x: Tensor, spec: BlockSpec, acc: torch.dtype) -> Through | None:
+    """The kernels of :class:`KernelThrough` for an unmasked, uncentred recording shaped like ``x``
+    (compiled now if they were not), or None where they do not apply."""
+    if spec.centred or not spec.differentiated or not _fusable(x, spec):
+        return None
+    x2 = x.reshape(-1, spec.d)
+    fwd = _fused.forward_kernel(spec, x2, None, None, acc, False)
+    grad = x2.new_empty(spec.size, dtype=acc)
+    bwd = _fused.backward_kernel(spec, x2, None, None, grad, False, acc, x2)
+    if fwd is None or bwd is None:
+        return None
+    return Through(spec, acc, fwd, bwd)
+
+
+class KernelThrough(torch.autograd.Function):
+    """``y, block = KernelThrough.apply(x, through)``: :class:`FusedThrough` for an unmasked,
+    uncentred module output, with its kernels bound (:class:`Through`): the per-layer fast path.
+
+    Forward: one kernel call (``block``) and a view of ``x`` (``y``); backward: one kernel call
+    ``g_x = g_y + d block / d x``. No shift, no mask, no per-call lookup."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, through: Through) -> tuple[Tensor, Tensor]:
+        (block,) = through.forward(x.view(-1, through.spec.d))
+        ctx.save_for_backward(x)
+        ctx.through = through
+        ctx.set_materialize_grads(False)
+        return x.view_as(x), block
+
+    @staticmethod
+    def backward(ctx: Any, g_y: Tensor | None, g_block: Tensor | None) -> tuple[Tensor | None, None]:
+        if g_block is None:
+            return g_y, None
+        (x,) = ctx.saved_tensors
+        through: Through = ctx.through
+        d = through.spec.d
+        if g_y is None or g_block.dtype != through.acc:  # (not met in a training step)
+            gx = _fused_backward(x, None, None, g_block, through.spec, through.acc, g_y)
+        else:
+            (gx,) = through.backward(x.view(-1, d), g_block.contiguous(), g_y.reshape(-1, d).contiguous())
+        return gx.view(x.shape), None
+
+
 #: primitives whose gradient multiplies the activation: where it is inf or NaN, a failed step's
 #: zero gradient makes ``0 * inf = NaN`` there (``sign(x)`` is finite, so ``abs_sum``'s is clean)
 _TIMES_X = frozenset({"sq_sum", "csq", "couter"})
