@@ -182,7 +182,7 @@ def test_float32_every_primitive_against_float64(calls: list[int]) -> None:
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(*args: object) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(actreg.fused, "_compile", broken)

@@ -229,16 +229,18 @@ def _examples(
     return x, keep, shift
 
 
-def _compile(fn: Callable[..., Any], example: list[Tensor]) -> Kernel:
-    """``fn`` traced with symbolic sizes and compiled by inductor: ``kernel(*tensors)`` returns the
-    tuple of ``fn``'s outputs. Called straight through the generated module's ``call`` when that
-    gives what the artifact gives on the example (it skips the artifact's per-call wrappers, tens
-    of microseconds: the size of a kernel here), else through the artifact."""
+def _compile(fn: Callable[..., Any], example: list[Tensor], fixed: bool = False) -> Kernel:
+    """``fn`` traced with symbolic sizes (``fixed``: with fake tensors of the example's sizes) and
+    compiled by inductor: ``kernel(*tensors)`` returns the tuple of ``fn``'s outputs. Called
+    straight through the generated module's ``call`` when that gives what the artifact gives on the
+    example (it skips the artifact's per-call wrappers, tens of microseconds: the size of a kernel
+    here), else through the artifact."""
     from torch._inductor import standalone_compile
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(fn, tracing_mode="symbolic")(*example)
-    artifact = standalone_compile(gm, list[Any](example), dynamic_shapes="from_graph")
+    gm = make_fx(fn, tracing_mode="fake" if fixed else "symbolic")(*example)
+    shapes = "from_example_inputs" if fixed else "from_graph"
+    artifact = standalone_compile(gm, list[Any](example), dynamic_shapes=shapes)  # type: ignore[arg-type]
 
     def wrapped(*args: Tensor) -> tuple[Tensor, ...]:
         out = artifact(*args)
@@ -303,7 +305,7 @@ def _find(root: object, kind: type, depth: int = 10) -> Any:
     return None
 
 
-def _get(key: _Key, build: Callable[[], Kernel]) -> Kernel | None:
+def _get(key: _Key, build: Callable[[], Kernel], what: str = "a fused statistics kernel") -> Kernel | None:
     kernel = _kernels.get(key, False)
     if kernel is not False:
         return kernel  # type: ignore[return-value]
@@ -319,9 +321,9 @@ def _get(key: _Key, build: Callable[[], Kernel]) -> Kernel | None:
                 built: Kernel | None = build()
         except Exception as err:  # no C++ compiler, an unsupported op, ...: the eager code runs
             warnings.warn(
-                f"actreg: compiling a fused statistics kernel failed ({type(err).__name__}: "
-                f"{str(err)[:300]}); this slot uses the eager statistics instead. Set {ENV}=0 or pass "
-                "ActivityRegularizer(..., fused=False) to skip the attempt.",
+                f"actreg: compiling {what} failed ({type(err).__name__}: {str(err)[:300]}); the eager "
+                f"code runs instead (the same values). Set {ENV}=0 or pass ActivityRegularizer(..., "
+                "fused=False) to skip the attempt.",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -126,7 +126,6 @@ class Recorder:
                 return y
             return type(output)((y, *output[1:]))
 
-
         return hook
 
     def _record_fast(self, index: int, fast: _Fast, x: Tensor) -> Tensor | None:
@@ -149,6 +148,7 @@ class Recorder:
             or _in_backward()
         ):
             return None
+        y: Tensor
         y, block = KernelThrough.apply(x, fast.through)
         records.blocks[index] = block
         records.positions[index] = fast.rows
@@ -162,8 +162,14 @@ class Recorder:
         through = through_kernels(x, spec, acc)
         if through is not None:
             self._fast[index] = _Fast(
-                x.shape, x.dtype, x.device, x.numel() // x.shape[-1], self.layout.version, self.dtype,
-                self.loaded_dims, through,
+                x.shape,
+                x.dtype,
+                x.device,
+                x.numel() // x.shape[-1],
+                self.layout.version,
+                self.dtype,
+                self.loaded_dims,
+                through,
             )
 
     @contextlib.contextmanager

@@ -130,8 +130,10 @@ class ActivityRegularizer(Joinable):
         self.mode = mode(sync)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-        if isinstance(activity_threshold, bool) or not isinstance(activity_threshold, (int, float)) or not (
-            0.0 <= activity_threshold < float("inf")
+        if (
+            isinstance(activity_threshold, bool)
+            or not isinstance(activity_threshold, (int, float))
+            or not (0.0 <= activity_threshold < float("inf"))
         ):
             raise ValueError(f"activity_threshold must be a finite number >= 0, got {activity_threshold!r}")
         if grad_scale is not None and (
@@ -298,13 +300,20 @@ class ActivityRegularizer(Joinable):
             wire = wire.narrow(0, 0, self.layout.size)
         stats, batch_scale = self.ema.blend(wire) if self.mode.moving_average else (wire, None)
         window = self.window.current(wire, ok) if self.window else None  # (counts="window")
-        total = self._values(dtype, device).total(stats, batch_scale, ok, window)  # no NaN flows back
-        if weight_sums is not None:
-            total = total + weight_sums @ self.weights.coefficients(dtype, device)  # type: ignore[union-attr]
-            self._last_weights = weight_sums.detach()
-        with torch.no_grad():
-            ok = ok & torch.isfinite(total)  # decisions: a failed step's penalty and gradient are 0
-        total = torch.where(ok, total, 0.0)
+        evaluator = self._values(dtype, device)
+        compiled = None
+        if self.fused and weight_sums is None:  # one compiled region: values, decision, where
+            compiled = evaluator.compiled_total(stats, batch_scale, ok, window)
+        if compiled is not None:
+            total, ok = compiled
+        else:
+            total = evaluator.total(stats, batch_scale, ok, window)  # no NaN flows back
+            if weight_sums is not None:
+                total = total + weight_sums @ self.weights.coefficients(dtype, device)  # type: ignore[union-attr]
+                self._last_weights = weight_sums.detach()
+            with torch.no_grad():
+                ok = ok & torch.isfinite(total)  # decisions: a failed step's penalty and gradient are 0
+            total = torch.where(ok, total, 0.0)
         self._commit(wire.detach(), stats, used, ok, records.errors)
         return total
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .compiled_values import CompiledValues, ValueKernels, build, fits
 from .layout import Layout
 from .penalty import BATCH_COUNT, Penalty
 
@@ -80,6 +81,12 @@ def build_groups(layout: Layout) -> list[Group]:
     return list(groups.values())
 
 
+#: the most differentiated statistics (values) :meth:`Evaluator.compiled_total` compiles for. Larger
+#: ones are Gram matrices: inductor's backward of their strided reads takes several passes over the
+#: whole buffer (8 x 512 x 512 DeCov: 8 ms against the eager path's 5), so they stay eager
+COMPILED_READS = 1 << 16
+
+
 class Evaluator:
     """The groups' reads of the step buffer, planned once per layout.
 
@@ -92,6 +99,25 @@ class Evaluator:
         self._plans = [_Plan(g, device, dtype) for g in groups]
         self._reads = tuple(r for plan in self._plans for r in plan.diff_reads)
         _mark_overlaps(self._reads)
+        #: :meth:`compiled_total`'s kernels: None until first asked, False where they cannot compile
+        self._compiled: ValueKernels | bool | None = None
+
+    def compiled_total(
+        self, stats: Tensor, batch_scale: Tensor | None, ok: Tensor, window: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """``(where(ok', total, 0), ok')`` with ``ok' = ok & isfinite(total)``, through the
+        generated kernels of :mod:`actreg.compiled_values` (one in forward, one in backward);
+        None where they do not apply (the caller evaluates eagerly: :meth:`total`): more than
+        ``COMPILED_READS`` differentiated values, a failed compilation, other inputs."""
+        if self._compiled is None:
+            small = sum(r.numel * (r.shape[0] if r.batched else 1) for r in self._reads) <= COMPILED_READS
+            built = build(self._plans, stats, ok, batch_scale, window) if small else None
+            self._compiled = built if built is not None else False
+        kernels = self._compiled
+        if kernels is False or not fits(kernels, stats, batch_scale, window):  # type: ignore[arg-type]
+            return None
+        out: tuple[Tensor, Tensor] = CompiledValues.apply(stats, ok, batch_scale, window, kernels)
+        return out
 
     def total(
         self,
@@ -160,10 +186,13 @@ class _Read:
         stride = steps.pop() if len(steps) == 1 else self.numel
         self._strides = (stride, *inner) if self.batched else tuple(inner)
 
-    def view(self, buffer: Tensor) -> Tensor:
+    def view(self, buffer: Tensor, base: int | None = None) -> Tensor:
+        """The members' statistic in ``buffer``; ``base``: its storage offset when known (a
+        compiled region cannot ask a tensor for it)."""
         if self.index is not None:
             return buffer.index_select(0, self.index).view(self.shape)
-        return buffer.as_strided(self.shape, self._strides, buffer.storage_offset() + self.offsets[0])
+        start = (buffer.storage_offset() if base is None else base) + self.offsets[0]
+        return buffer.as_strided(self.shape, self._strides, start)
 
     def write(self, buffer: Tensor, grad: Tensor, ok: Tensor | None) -> None:
         """Put ``grad`` (of :meth:`view`) into ``buffer`` (contiguous, offset 0); zeros where ``ok``
@@ -234,10 +263,17 @@ class _Plan:
         self.scales = None if group.scales is None else torch.tensor(group.scales, dtype=dtype, device=device)
 
     def values(
-        self, stats: Tensor, diff: list[Tensor], batch_scale: Tensor | None, window: Tensor | None = None
+        self,
+        stats: Tensor,
+        diff: list[Tensor],
+        batch_scale: Tensor | None,
+        window: Tensor | None = None,
+        bases: tuple[int, int] | None = None,
     ) -> Tensor:
+        """``bases``: the storage offsets of ``stats`` and ``window`` (compiled: see _Read.view)."""
         group = self.group
-        const = [r.view(stats) for r in self.const_reads]  # `stats` carries no gradient here
+        sb, wb = (None, None) if bases is None else bases
+        const = [r.view(stats, sb) for r in self.const_reads]  # `stats` carries no gradient here
         s: dict[str, Tensor] = {}
         for (name, _, read_scale), is_const in zip(group.stats, self.kinds, strict=True):
             t = (const if is_const else diff).pop(0)
@@ -245,7 +281,7 @@ class _Plan:
         for name, read, read_scale in self.window_reads:  # windowed penalties need a window
             if window is None:
                 raise RuntimeError(f"{group.penalty!r} reads the accumulation window, which was not given")
-            w = read.view(window)
+            w = read.view(window, wb)
             s["window_" + name] = w if read_scale == 1.0 else w * read_scale
         if batch_scale is not None and "count" in s:
             s[BATCH_COUNT] = s["count"] * batch_scale
