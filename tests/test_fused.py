@@ -13,6 +13,7 @@ statistics (``ACTREG_FUSED=0`` in conftest.py).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -292,3 +293,145 @@ def test_fused_training_step_never_reads_the_device(monkeypatch: pytest.MonkeyPa
     before = len(actreg.fused.compile_seconds)
     test_hot_path.test_training_step_never_reads_the_device("global")
     assert len(actreg.fused.compile_seconds) > before or actreg.fused._kernels
+
+
+def _independent_step_loss(outputs: list[tuple[Tensor, Tensor | None]]) -> Tensor:
+    """``0.3 L1 + 0.2 L2`` of one step's recordings from the formulas (float64): sums over every
+    kept row of every call, divided by the number of kept rows."""
+    rows = sum(int(x.shape[0] if keep is None else keep.sum()) for x, keep in outputs)
+    total = outputs[0][0].new_zeros(())
+    for x, keep in outputs:
+        kept = x if keep is None else x[keep]
+        total = total + 0.3 * kept.abs().sum() + 0.2 * kept.square().sum()
+    return total / rows
+
+
+def test_fast_path_is_exact_and_steps_aside_when_anything_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unmasked, uncentred module output goes through ``KernelThrough`` (its kernels bound once)
+    from the third step on; a new batch size, a second call in the step, a mask and a loaded state
+    send that recording through the full path. Every step's penalty and gradient equal the formulas
+    in float64 (autograd on the same tensors) and ``fused=False``."""
+    from actreg.statistics import KernelThrough
+
+    taken: list[int] = []
+    original = KernelThrough.forward
+
+    def counting(ctx: object, x: Tensor, through: object) -> tuple[Tensor, Tensor]:
+        taken.append(x.shape[0])
+        return original(ctx, x, through)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KernelThrough, "forward", staticmethod(counting))
+    # (rows, calls in the step, masked, reload the state before the step)
+    plan = [(8, 1, False, False), (8, 1, False, False), (8, 1, False, False), (5, 1, False, False),
+            (5, 1, False, False), (8, 2, False, False), (8, 1, True, False), (8, 1, False, True),
+            (8, 1, False, False)]  # fmt: skip
+    # whether the step's first call is fast: the first recording after the sizes are agreed (step
+    # 1) sets the fast path up, the same shape uses it from then on; a step that leaves it sets it
+    # up again for its own recording (a new shape, a reload), a masked step does not
+    fast = [False, False, True, False, True, False, False, False, True]
+
+    def run(fused: bool) -> list[tuple[float, list[Tensor], int]]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(IN_FEATURES, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+        reg = actreg.ActivityRegularizer(model, {"1": [actreg.L1(0.3), actreg.L2(0.2)]}, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for rows, calls, masked, reload in plan:
+            if reload:
+                state = reg.state_dict()
+                reg.load_state_dict(state)
+            model.zero_grad()
+            before = len(taken)
+            seen: list[tuple[Tensor, Tensor | None]] = []
+            for _ in range(calls):
+                x = torch.randn(rows, IN_FEATURES, generator=gen, dtype=torch.float64)
+                keep = (torch.arange(rows) % 3 != 0) if masked else None
+                with reg.mask(keep) if masked else contextlib.nullcontext():
+                    h = model[1](model[0](x))
+                seen.append((torch.tanh(model[0](x)).detach(), keep))  # (not through the hook)
+                h.sum().mul(0.1).backward(retain_graph=True)  # the output's own gradient flows too
+            loss = reg.loss()
+            want = _independent_step_loss(seen)
+            assert loss.item() == pytest.approx(want.item(), rel=1e-12), (fused, rows, calls, masked)
+            loss.backward()
+            out.append((loss.item(), [p.grad.clone() for p in model[0].parameters()], len(taken) - before))
+        reg.remove()
+        return out
+
+    got, want = run(True), run(False)
+    assert [n > 0 for _, _, n in got] == fast, [n for _, _, n in got]
+    for (lf, gf, _), (le, ge, _) in zip(got, want, strict=True):
+        assert lf == pytest.approx(le, rel=1e-12)
+        for a, b in zip(gf, ge, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_values_are_used_and_a_failed_step_gives_zero_and_no_nan() -> None:
+    """The penalty values of a small layout run as two generated kernels (actreg.compiled_values);
+    a step with an infinite activation is skipped (``nonfinite="skip"``): penalty 0, no NaN in any
+    gradient, counted; the steps around it equal ``fused=False``."""
+    from actreg.compiled_values import ValueKernels
+
+    class Spike(nn.Module):
+        """``tanh(x)``, with ``inf`` at one position while ``spike`` is set (``where``: its gradient
+        is finite, so any NaN in a gradient would come from the statistics)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.spike = False
+
+        def forward(self, x: Tensor) -> Tensor:
+            at = torch.zeros_like(x, dtype=torch.bool)
+            at[3, 0] = self.spike
+            return torch.where(at, torch.inf, torch.tanh(x))
+
+    def run(fused: bool) -> tuple[list[float], list[list[Tensor]], actreg.ActivityRegularizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(IN_FEATURES, 6), Spike(), nn.Linear(6, 2)).double()
+        penalties = [actreg.L1(0.3), actreg.AR(0.2), actreg.KLSparsity(0.2, 0.1), actreg.DeCov(0.1)]
+        reg = actreg.ActivityRegularizer(model, {"1": penalties}, fused=fused, nonfinite="skip")
+        gen = torch.Generator().manual_seed(2)
+        losses, grads = [], []
+        for step in range(4):
+            x = torch.randn(7, IN_FEATURES, generator=gen, dtype=torch.float64)
+            model[1].spike = step == 2
+            model.zero_grad()
+            h = model[1](model[0](x))
+            loss = reg.loss()
+            (loss + 0.1 * h.nan_to_num(posinf=0.0).sum()).backward()
+            losses.append(loss.item())
+            grads.append([p.grad.clone() for p in model[0].parameters()])
+        return losses, grads, reg
+
+    lf, gf, reg = run(True)
+    le, ge, _ = run(False)
+    assert reg._evaluator is not None and isinstance(reg._evaluator[1]._compiled, ValueKernels)
+    assert lf[2] == 0.0 and int(reg.metrics()["skipped_steps"]) == 1
+    for step, (a_step, b_step) in enumerate(zip(gf, ge, strict=True)):
+        assert lf[step] == pytest.approx(le[step], rel=1e-12)
+        for a, b in zip(a_step, b_step, strict=True):
+            assert torch.isfinite(a).all(), step
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    # the kernels on their own: a step buffer with an infinite Gram entry and ok False gives total
+    # 0, ok' False and a zero gradient, NaN-free (the slot's own backward would hide a NaN here)
+    evaluator = reg._evaluator[1]
+    size = reg.layout.size
+    gen = torch.Generator().manual_seed(3)
+    for ok, spoil in ((True, False), (False, True), (False, False)):
+        stats = torch.rand(size, generator=gen, dtype=torch.float64).add_(1.0)
+        if spoil:
+            stats[-2] = torch.inf  # (the block ends with its Gram matrix: an off-diagonal entry)
+        stats.requires_grad_()
+        flag = torch.tensor(ok)
+        got = evaluator.compiled_total(stats, None, flag)
+        assert got is not None
+        total, good = got
+        total.backward()
+        assert bool(good) is ok
+        if ok:
+            want = stats.detach().clone().requires_grad_()
+            evaluator.total(want, None, flag).backward()
+            assert total.item() == pytest.approx(evaluator.total(want.detach(), None, flag).item(), rel=1e-12)
+            torch.testing.assert_close(stats.grad, want.grad, rtol=1e-12, atol=1e-14)
+        else:
+            assert total.item() == 0.0 and not stats.grad.any() and torch.isfinite(stats.grad).all()
