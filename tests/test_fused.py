@@ -435,3 +435,70 @@ def test_compiled_values_are_used_and_a_failed_step_gives_zero_and_no_nan() -> N
             torch.testing.assert_close(stats.grad, want.grad, rtol=1e-12, atol=1e-14)
         else:
             assert total.item() == 0.0 and not stats.grad.any() and torch.isfinite(stats.grad).all()
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["masked", "unmasked"])
+def test_kernel_sizes_never_collide_with_the_example_rows(masked: bool) -> None:
+    """A 4-unit ``L1`` slot's block holds 7 values (count, Σ|x|, Σx², 4 active counts), as many as
+    the 7 example rows a kernel is traced with: the kernels must still serve 12 and 6 rows (found
+    by the soak with fused kernels: the backward kernel had taken the gradient's size for the
+    rows'). Two ``L1`` on one slot make the values read it by a gather: compiled too. Every step
+    equals ``fused=False``."""
+    from actreg.compiled_values import ValueKernels
+
+    def run(fused: bool) -> tuple[list[float], list[list[Tensor]], actreg.ActivityRegularizer]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(IN_FEATURES, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        reg = actreg.ActivityRegularizer(model, {"1": [actreg.L1(0.3), actreg.L1(0.1)]}, fused=fused)
+        gen = torch.Generator().manual_seed(4)
+        losses, grads = [], []
+        for rows in (12, 12, 6, 12, 6):
+            x = torch.randn(rows, IN_FEATURES, generator=gen, dtype=torch.float64)
+            keep = torch.arange(rows) % 4 != 1
+            model.zero_grad()
+            with reg.mask(keep) if masked else contextlib.nullcontext():
+                y = model(x)
+            loss = reg.loss()
+            (loss + 0.1 * y.sum()).backward()
+            losses.append(loss.item())
+            grads.append([p.grad.clone() for p in model.parameters()])
+        return losses, grads, reg
+
+    lf, gf, reg = run(True)
+    le, ge, _ = run(False)
+    assert reg._evaluator is not None and isinstance(reg._evaluator[1]._compiled, ValueKernels)
+    assert reg.layout.specs[0] is not None and reg.layout.specs[0].size == 7
+    for step in range(len(lf)):
+        assert lf[step] == pytest.approx(le[step], rel=1e-12)
+        for a, b in zip(gf[step], ge[step], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_compiled_values_of_a_step_with_no_value_to_differentiate() -> None:
+    """A first step in which the regularized module did not run has no value yet (the layout knows
+    no size): the compiled values still build (a zero gradient, found by the soak with fused
+    kernels: the backward's trace had nothing to differentiate) and warn nothing; the next steps
+    equal ``fused=False``."""
+
+    def run(fused: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.ModuleDict({"a": nn.Linear(IN_FEATURES, 3), "b": nn.Tanh()}).double()
+        reg = actreg.ActivityRegularizer(model, {"b": actreg.L2(0.5)}, fused=fused)
+        gen = torch.Generator().manual_seed(5)
+        losses = []
+        for step in range(4):
+            x = torch.randn(6, IN_FEATURES, generator=gen, dtype=torch.float64)
+            model.zero_grad()
+            h = model["a"](x)
+            if step > 0:
+                h = model["b"](h)
+            loss = reg.loss()
+            (loss + h.sum()).backward()
+            losses.append(loss.item())
+        return losses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = run(True)
+    assert got[0] == 0.0
+    assert got == pytest.approx(run(False), rel=1e-12)

@@ -100,6 +100,8 @@ def build(
             value = total(torch.where(k, leaf, leaf.detach()), b, w)
             good = k & torch.isfinite(value.detach())
             masked = torch.where(good, value, 0.0)
+            if not masked.requires_grad:  # (no value reads a differentiated statistic)
+                return torch.zeros_like(s)
             (grad,) = torch.autograd.grad(masked, leaf, rest[0], allow_unused=True)
         return torch.zeros_like(s) if grad is None else grad
 

@@ -225,11 +225,14 @@ def backward_math(
 
 # -------------------------------------------------------------------------------------- kernels
 def _examples(
-    d: int, dtype: torch.dtype, acc: torch.dtype, device: torch.device, masked: bool, shifted: bool
+    spec: BlockSpec, dtype: torch.dtype, acc: torch.dtype, device: torch.device, masked: bool, shifted: bool
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    # a number of rows that no other size equals (dynamic sizes that coincide would share a
-    # symbol: the kernel would then assume rows == units), and >= 2 (0 and 1 are specialised)
-    n = next(m for m in (7, 11, 13, 17) if m != d)
+    # a number of rows that no other size of the kernel's inputs equals -- the units ``d`` and the
+    # block's size (the backward's gradient input): sizes that coincide share a symbol, and the
+    # kernel would then assume rows == units or rows == block size (found by the soak with fused
+    # kernels: a block of 7 values met the 7 example rows) -- and >= 2 (0 and 1 are specialised)
+    d = spec.d
+    n = next(m for m in (7, 11, 13, 17, 19) if m not in (d, spec.size))
     # (values do not matter for tracing; no random numbers: the user's generator is left alone)
     x = torch.ones(n, d, device=device, dtype=dtype)
     keep = (torch.arange(n, device=device) % 3 != 1) if masked else None
@@ -246,7 +249,8 @@ def _compile(fn: Callable[..., Any], example: list[Tensor], fixed: bool = False)
     from torch._inductor import standalone_compile
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    gm = make_fx(fn, tracing_mode="fake" if fixed else "symbolic")(*example)
+    # (fixed: the values' reads may gather with an index tensor of their own, a constant here)
+    gm = make_fx(fn, tracing_mode="fake" if fixed else "symbolic", _allow_non_fake_inputs=fixed)(*example)
     shapes = "from_example_inputs" if fixed else "from_graph"
     artifact = standalone_compile(gm, list[Any](example), dynamic_shapes=shapes)  # type: ignore[arg-type]
 
@@ -349,7 +353,7 @@ def forward_kernel(
     key = ("forward", spec, x.dtype, acc, x.device, masked, shifted, rows_out)
 
     def build() -> Kernel:
-        ex, k, s = _examples(spec.d, x.dtype, acc, x.device, masked, shifted)
+        ex, k, s = _examples(spec, x.dtype, acc, x.device, masked, shifted)
 
         def fn(*args: Tensor) -> tuple[Tensor, ...]:
             it = iter(args)
@@ -380,7 +384,7 @@ def backward_kernel(
     key = ("backward", spec, x.dtype, acc, x.device, masked, shifted, gram, grad.dtype, inc)
 
     def build() -> Kernel:
-        ex, k, s = _examples(spec.d, x.dtype, acc, x.device, masked, shifted)
+        ex, k, s = _examples(spec, x.dtype, acc, x.device, masked, shifted)
         g = torch.ones(spec.size, dtype=grad.dtype, device=x.device)
         gr = torch.ones(ex.shape, dtype=acc, device=x.device) if gram else None
         gi = None if inc is None else torch.ones(ex.shape, dtype=inc, device=x.device)
