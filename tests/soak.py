@@ -152,6 +152,7 @@ class Scenario:
     offset: float = 0.0
     misuse: str | None = None
     data_seed: int = -1
+    fused: bool = False  #: the fused kernels (actreg.fused, compiled values) instead of eager statistics
 
     @property
     def steps(self) -> int:
@@ -254,6 +255,8 @@ class Scenario:
             offset=offset,
             misuse=misuse,
             data_seed=seed,
+            # drawn last: every other draw of a seed is what it was before this feature
+            fused=rnd.random() < 0.3,
         )
 
     def describe(self) -> str:
@@ -270,6 +273,7 @@ class Scenario:
         bits += [f"two_regs={self.two_regs}"] if self.two_regs else []
         bits += [f"offset={self.offset}"] if self.offset else []
         bits += [f"misuse={self.misuse}"] if self.misuse else []
+        bits += ["fused"] if self.fused else []
         return " ".join(bits)
 
     def side_first(self) -> int | None:
@@ -649,6 +653,7 @@ def _build(scn: Scenario, rank: int, net: nn.Module) -> list[Any]:
     if scn.misuse == "weight-params" and odd:  # as many elements, other parameters
         weights = {"head.weight" if g == "lin1.weight" else g: v for g, v in weights.items()}
     kw: dict[str, Any] = {"sync": scn.sync, "decay": scn.decay, "nonfinite": scn.nonfinite}
+    kw["fused"] = scn.fused
     if scn.two_regs:
         first = {s: v for s, v in pens.items() if s != "side"}
         return [

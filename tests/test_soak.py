@@ -82,6 +82,8 @@ def test_the_short_set_covers_the_generators_features():
     assert any(s.expect for s in scenarios)
     assert any(s.dtype == "float32" for s in scenarios)
     assert any(s.inject and s.nonfinite == "skip" for s in scenarios)
+    assert any(s.fused for s in scenarios) and not all(s.fused for s in scenarios)
+    assert any(s.fused and s.join for s in scenarios) and any(s.fused and s.sync == "ema" for s in scenarios)
 
 
 @pytest.mark.skipif(not os.environ.get("ACTREG_SOAK_MINUTES"), reason="long mode: set ACTREG_SOAK_MINUTES")
