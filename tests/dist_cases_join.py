@@ -7,6 +7,7 @@ regularizer built per epoch and its private group are exercised too) and returns
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -52,13 +53,16 @@ class Net(nn.Module):
         return y
 
 
-def _regularizer(net: nn.Module, names: list[str], sync: str, weights: bool) -> actreg.ActivityRegularizer:
+def _regularizer(
+    net: nn.Module, names: list[str], sync: str, weights: bool, fused: bool = False
+) -> actreg.ActivityRegularizer:
     return actreg.ActivityRegularizer(
         net,
         {"body.1": [make_penalty(n) for n in names]},
         sync=sync,
         decay=DECAY,
         weights={"body.*.weight": actreg.WeightL2(WEIGHT_L2)} if weights else None,
+        fused=fused,
     )
 
 
@@ -80,59 +84,69 @@ def join_cases(rank: int, world_size: int, cases: list[dict[str, Any]]) -> list[
     in that order in the ``Join``; ``order`` -- the order their ``loss()`` is called in (indices
     into ``regs``; default as listed); ``weights`` -- the first regularizer also carries
     ``WeightL2`` on ``body.*.weight``; ``buffers`` (see :class:`Net`); ``accumulate`` -- micro-
-    batches per optimizer step, all but the last under ``no_sync`` (default 1).
+    batches per optimizer step, all but the last under ``no_sync`` (default 1); ``fused`` -- the
+    regularizers' fused kernels (default off).
 
     Returns per case: per step the summed ``loss()`` values and the first regularizer's
     ``metrics()``; the final ``body`` parameters; each regularizer's step count and EMA state
     after the ``Join``, its ``metrics()`` there, and the value of one more step taken by every
-    rank after the ``Join`` (batch 0) -- which must still pair up.
+    rank after the ``Join`` (batch 0) -- which must still pair up; and the actreg warnings raised.
     """
     start, stop = shard_bounds(rank, world_size)
     out = []
     for case in cases:
-        net_module = Net(case.get("buffers"))
-        net = DDP(net_module)
-        opt = torch.optim.SGD(net_module.body.parameters(), lr=LR)
-        regs = [
-            _regularizer(net, names, sync, case.get("weights", False) and i == 0)
-            for i, (names, sync) in enumerate(case["regs"])
-        ]
-        order = case.get("order", list(range(len(regs))))
-        accumulate = case.get("accumulate", 1)
-        losses: list[float] = []
-        metrics: list[dict[str, float]] = []
-        with Join([net, *regs]):
-            for step in range(case["batches"][rank]):
-                x, mask = batch(step)
-                last_micro = (step + 1) % accumulate == 0
-                with net.no_sync() if not last_micro else contextlib.nullcontext():
-                    y = _forward(net, regs, x[start:stop], mask[start:stop])
-                    total = sum(regs[i].loss() for i in order)
-                    (total + 0.0 * y.sum()).backward()  # every parameter takes part
-                losses.append(float(total.detach()))
-                metrics.append(regs[0].metrics())
-                if last_micro:
-                    opt.step()
-                    opt.zero_grad()
-        after_metrics = [reg.metrics() for reg in regs]
-        states = [_flat_state(reg) for reg in regs]
-        x, mask = batch(0)
-        _forward(net, regs, x[start:stop], mask[start:stop])
-        after = sum(float(regs[i].loss().detach()) for i in order)
-        out.append(
-            {
-                "loss": losses,
-                "metrics": metrics,
-                "params": [p.detach().numpy().copy() for p in net_module.body.parameters()],
-                "steps": [s for s, _ in states],
-                "ema": [e for _, e in states],
-                "after_metrics": after_metrics,
-                "after": after,
-            }
-        )
-        for reg in regs:
-            reg.remove()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            result = _join_case(rank, case, start, stop)
+        result["warnings"] = [str(w.message) for w in seen if "actreg" in str(w.message)]
+        out.append(result)
     return out
+
+
+def _join_case(rank: int, case: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    """One case of :func:`join_cases` on this rank (its shard ``start:stop``)."""
+    net_module = Net(case.get("buffers"))
+    net = DDP(net_module)
+    opt = torch.optim.SGD(net_module.body.parameters(), lr=LR)
+    regs = [
+        _regularizer(net, names, sync, case.get("weights", False) and i == 0, case.get("fused", False))
+        for i, (names, sync) in enumerate(case["regs"])
+    ]
+    order = case.get("order", list(range(len(regs))))
+    accumulate = case.get("accumulate", 1)
+    losses: list[float] = []
+    metrics: list[dict[str, float]] = []
+    with Join([net, *regs]):
+        for step in range(case["batches"][rank]):
+            x, mask = batch(step)
+            last_micro = (step + 1) % accumulate == 0
+            with net.no_sync() if not last_micro else contextlib.nullcontext():
+                y = _forward(net, regs, x[start:stop], mask[start:stop])
+                total = sum(regs[i].loss() for i in order)
+                (total + 0.0 * y.sum()).backward()  # every parameter takes part
+            losses.append(float(total.detach()))
+            metrics.append(regs[0].metrics())
+            if last_micro:
+                opt.step()
+                opt.zero_grad()
+    after_metrics = [reg.metrics() for reg in regs]
+    states = [_flat_state(reg) for reg in regs]
+    x, mask = batch(0)
+    _forward(net, regs, x[start:stop], mask[start:stop])
+    after = sum(float(regs[i].loss().detach()) for i in order)
+    result = {
+        "loss": losses,
+        "metrics": metrics,
+        "params": [p.detach().numpy().copy() for p in net_module.body.parameters()],
+        "steps": [s for s, _ in states],
+        "ema": [e for _, e in states],
+        "after_metrics": after_metrics,
+        "after": after,
+    }
+    for reg in regs:
+        reg.remove()
+    return result
+
 
 
 def _forward(

@@ -502,3 +502,35 @@ def test_compiled_values_of_a_step_with_no_value_to_differentiate() -> None:
         got = run(True)
     assert got[0] == 0.0
     assert got == pytest.approx(run(False), rel=1e-12)
+
+
+def test_fast_path_under_activation_checkpointing() -> None:
+    """Regularized modules inside ``checkpoint(..., use_reentrant=False)`` over 5 steps: the forward
+    records through the fast path, the recomputation in backward through the full path (it records
+    nothing), and every step's penalty and gradient equal ``fused=False``."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(fused: bool) -> tuple[list[tuple[float, list[Tensor]]], actreg.ActivityRegularizer]:
+        torch.manual_seed(0)
+        layers = (nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+        model = nn.Sequential(*layers).double()
+        pens = {"1": actreg.L1(0.3), "3": [actreg.L2(0.2), actreg.AR(0.1)]}
+        reg = actreg.ActivityRegularizer(model, pens, fused=fused)
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(5):
+            x = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+            model.zero_grad()
+            y = model[4](checkpoint(model[:4], x, use_reentrant=False))
+            loss = reg.loss() + y.square().mean()
+            loss.backward()
+            out.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        return out, reg
+
+    got, reg = run(True)
+    want, _ = run(False)
+    assert sorted(reg.recorder._fast) == [0, 1]
+    for (lf, gf), (le, ge) in zip(got, want, strict=True):
+        assert lf == pytest.approx(le, rel=1e-12)
+        for a, b in zip(gf, ge, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

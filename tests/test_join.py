@@ -159,6 +159,18 @@ def test_two_regularizers_in_one_join_in_either_loss_order(pools, world_size):
         _check(case, world_size, [results[rank][i] for rank in range(world_size)])
 
 
+def test_two_fused_regularizers_under_join_build_their_values_one_at_a_time(pools):
+    """Two regularizers with fused kernels in one Join, rank 0 joined from the start: its two
+    shadow steps run in threads and compile their values at once (tracing is not re-entrant: the
+    soak with fused kernels found one of them falling back with a warning). Exact, no warning."""
+    regs = [(["L1"], "global"), (["L2"], "global")]
+    case = {"batches": [0, 2], "regs": regs, "order": [1, 0], "fused": True}
+    results = pools[2].run(dist_cases_join.join_cases, [case], timeout=180)
+    _check(case, 2, [results[rank][0] for rank in range(2)])
+    for rank in range(2):
+        assert results[rank][0]["warnings"] == [], (rank, results[rank][0]["warnings"])
+
+
 def test_gradient_accumulation_with_no_sync_under_join(pools):
     """Micro-batches under ``ddp.no_sync()`` (DDP's join hook skips the backward): shadows still pair."""
     cases = [

@@ -24,6 +24,7 @@ layout, and the eager evaluation, with the same values.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
     from .values import _Plan
 
 Sum = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
+
+#: one build at a time: tracing is not re-entrant (the shadow steps of a ``Join`` run in threads,
+#: see :mod:`actreg.joining`; two of them tracing at once broke make_fx's patcher, found by the soak)
+lock = threading.Lock()
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .compiled_values import CompiledValues, ValueKernels, build, fits
+from .compiled_values import CompiledValues, ValueKernels, build, fits, lock
 from .layout import Layout
 from .penalty import BATCH_COUNT, Penalty
 
@@ -110,9 +110,13 @@ class Evaluator:
         None where they do not apply (the caller evaluates eagerly: :meth:`total`): more than
         ``COMPILED_READS`` differentiated values, a failed compilation, other inputs."""
         if self._compiled is None:
-            small = sum(r.numel * (r.shape[0] if r.batched else 1) for r in self._reads) <= COMPILED_READS
-            built = build(self._plans, stats, ok, batch_scale, window) if small else None
-            self._compiled = built if built is not None else False
+            with lock:  # (Join's shadow steps run in threads)
+                if self._compiled is None:
+                    size = sum(r.numel * (r.shape[0] if r.batched else 1) for r in self._reads)
+                    built = None
+                    if size <= COMPILED_READS:
+                        built = build(self._plans, stats, ok, batch_scale, window)
+                    self._compiled = built if built is not None else False
         kernels = self._compiled
         if kernels is False or not fits(kernels, stats, batch_scale, window):  # type: ignore[arg-type]
             return None
