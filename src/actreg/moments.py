@@ -47,8 +47,11 @@ class OffDiagonalEnergy(torch.autograd.Function):
         if ctx.single:
             grad = grad.reshape(1)
         g_outer = scaled * (2 * grad / n.square())[..., None, None]  # 2 g C' / n
-        # -4 g C' mu / n (vecdot: a batched matrix-vector product is slower on a CPU)
-        g_sum = -2 * torch.linalg.vecdot(g_outer, mean.unsqueeze(-2))
+        # -4 g C' mu / n as the row mu^T C' (C' is symmetric): one batched row-times-matrix
+        # product; vecdot(g_outer, mu) forms the k x d x d product before summing it (a fresh
+        # buffer the size of every Gram matrix), and a matmul with one column is slow on a CPU.
+        # 8 x 512^2 on one CPU thread: 0.21 ms against vecdot's 0.75-1.5 ms and matmul's 2.5 ms
+        g_sum = torch.bmm(mean.unsqueeze(-2), g_outer).squeeze(-2).mul_(-2)
         if ctx.single:
             return g_outer[0], g_sum[0], None
         return g_outer, g_sum, None
