@@ -470,3 +470,28 @@ def test_two_penalties_of_one_kind_on_one_slot_add_up() -> None:
     torch.testing.assert_close(loss.detach(), ref.detach(), rtol=1e-12, atol=0)
     for g, r in zip(got, grads, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-14)
+
+
+def test_gram_energy_backward_twice_through_a_retained_graph():
+    """``OffDiagonalEnergy`` turns its ``C'`` into the gradient in place (no second ``d x d``
+    buffer): a second backward through the same graph (``retain_graph=True``) recomputes it, and
+    both give the gradients of ``sum_{i != j} C_ij^2`` by autograd of the formula (float64)."""
+    from actreg.moments import OffDiagonalEnergy
+
+    torch.manual_seed(0)
+    rows = torch.randn(3, 20, 5, dtype=torch.float64) + 2.0
+    outer = (rows.mT @ rows).requires_grad_()
+    total = rows.sum(1).requires_grad_()
+    count = torch.full((3,), 20.0, dtype=torch.float64)
+    energy = (OffDiagonalEnergy.apply(outer, total, count) * torch.tensor([1.0, 2.0, 3.0])).sum()
+    first = torch.autograd.grad(energy, (outer, total), retain_graph=True)
+    second = torch.autograd.grad(energy, (outer, total))
+
+    o, t = outer.detach().clone().requires_grad_(), total.detach().clone().requires_grad_()
+    mean = t / 20
+    cov = o / 20 - mean[:, :, None] * mean[:, None, :]
+    per = cov.square().sum((-1, -2)) - torch.diagonal(cov, dim1=-2, dim2=-1).square().sum(-1)
+    want = torch.autograd.grad((per * torch.tensor([1.0, 2.0, 3.0])).sum(), (o, t))
+    for got in (first, second):
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

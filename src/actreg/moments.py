@@ -21,7 +21,8 @@ class OffDiagonalEnergy(torch.autograd.Function):
     Batched over leading dimensions; ``n = 0`` gives 0. Closed-form backward (``n`` is a count and
     gets no gradient): with ``C'`` = ``C`` without its diagonal,
     ``d/d outer = 2 C' / n`` and ``d/d sum = -4 C' mu / n`` -- a few passes over the ``d x d``
-    matrices instead of autograd's dozen.
+    matrices instead of autograd's dozen, and one buffer of them (``C'``, which the backward turns
+    into ``d/d outer`` in place).
     """
 
     @staticmethod
@@ -36,17 +37,26 @@ class OffDiagonalEnergy(torch.autograd.Function):
         scaled.diagonal(dim1=-2, dim2=-1).zero_()
         # ||C'||_F^2 (vector_norm: about twice as fast as vecdot(flat, flat) on a CPU)
         energy = torch.linalg.vector_norm(scaled.flatten(-2), dim=-1).square() / n.square()
-        ctx.save_for_backward(scaled, mean, n)
+        ctx.save_for_backward(outer, total, mean, n)
+        # C' itself, not saved: the backward scales it in place into the gradient (no new buffer
+        # the size of every Gram matrix) and recomputes it from the inputs if the graph is
+        # backpropagated through again (retain_graph)
+        ctx.scaled = scaled
         ctx.single = single
         out: Tensor = energy[0] if single else energy
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        scaled, mean, n = ctx.saved_tensors
+        outer, total, mean, n = ctx.saved_tensors
+        scaled = ctx.scaled
+        ctx.scaled = None
+        if scaled is None:  # a second backward through this graph: C' again
+            scaled = torch.baddbmm(outer, total.unsqueeze(-1), mean.unsqueeze(-2), alpha=-1)
+            scaled.diagonal(dim1=-2, dim2=-1).zero_()
         if ctx.single:
             grad = grad.reshape(1)
-        g_outer = scaled * (2 * grad / n.square())[..., None, None]  # 2 g C' / n
+        g_outer = scaled.mul_((2 * grad / n.square())[..., None, None])  # 2 g C' / n, in place
         # -4 g C' mu / n as the row mu^T C' (C' is symmetric): one batched row-times-matrix
         # product; vecdot(g_outer, mu) forms the k x d x d product before summing it (a fresh
         # buffer the size of every Gram matrix), and a matmul with one column is slow on a CPU.
