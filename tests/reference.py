@@ -116,11 +116,11 @@ def value_of(name: str, s: dict[str, Tensor], n_bessel: Tensor) -> Tensor:
         off = biased.pow(2).sum() - torch.diagonal(biased).pow(2).sum()
         if name == "DeCov":
             return 9.0 * 0.5 * off
-        if float(n_bessel) <= 1:
+        if float(n_bessel) <= 1 + 1e-4:  # (the library's margin: moments.BESSEL_MARGIN)
             return off * 0.0
         return 7.0 * off * (n_bessel / (n_bessel - 1)) ** 2 / mu.numel()
     if name == "VarianceFloor":
-        if float(n_bessel) <= 1:
+        if float(n_bessel) <= 1 + 1e-4:  # (the library's margin: moments.BESSEL_MARGIN)
             return s["s"].sum() * 0.0
         var = (s["q"] / n - (s["s"] / n) ** 2) * n_bessel / (n_bessel - 1)
         return 1.1 * torch.relu(0.6 - torch.sqrt(var + 1e-4)).mean()

@@ -474,12 +474,12 @@ def _value(family: str, args: tuple[float, ...], s: dict[str, Tensor], n_bessel:
         off = biased.pow(2).sum() - torch.diagonal(biased).pow(2).sum()
         if family == "DeCov":
             return args[0] * 0.5 * off
-        if n_bessel <= 1:
+        if n_bessel <= 1 + 1e-4:  # (the library's margin: moments.BESSEL_MARGIN)
             return zero
         return args[0] * off * (n_bessel / (n_bessel - 1)) ** 2 / mu.numel()
     if family == "VarianceFloor":
         w, gamma, eps = args
-        if n_bessel <= 1:
+        if n_bessel <= 1 + 1e-4:  # (the library's margin: moments.BESSEL_MARGIN)
             return zero
         var = (s["q"] / n - (s["s"] / n) ** 2) * n_bessel / (n_bessel - 1)
         return w * torch.relu(gamma - torch.sqrt(var + eps)).mean()

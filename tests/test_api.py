@@ -495,3 +495,21 @@ def test_gram_energy_backward_twice_through_a_retained_graph():
     for got in (first, second):
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unbiased_penalties_stay_zero_on_one_row_per_step_in_ema(dtype):
+    """``ema`` with one kept row per step: the bias-corrected average count is 1 only up to
+    rounding, and the unbiased penalties must be 0 then (their n/(n-1) turned the rounding into a
+    spike of 1e9 in float32 and 1e27 in float64; found by the soak, seed 90449)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).to(dtype)
+    pens = [actreg.Covariance(1.0), actreg.VarianceFloor(1.0, 1.0)]
+    reg = actreg.ActivityRegularizer(model, {"1": pens}, sync="ema", decay=0.8)
+    for _ in range(6):
+        model.zero_grad()
+        model(torch.randn(1, 3, dtype=dtype))
+        loss = reg.loss()
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters())

@@ -121,10 +121,21 @@ def _off_diagonal_energy(stats: Stats) -> Tensor:
     return energy
 
 
+#: how far above 1 the sample size of an unbiased estimate must be (see :func:`_bessel`)
+BESSEL_MARGIN = 1e-4
+
+
 def _bessel(stats: Stats) -> tuple[Tensor, Tensor]:
-    """Factor n/(n-1) of the unbiased estimate, and whether it is defined (n > 1)."""
+    """Factor n/(n-1) of the unbiased estimate, and whether it is defined: n > 1 + 1e-4.
+
+    The margin matters in ``ema`` mode, where n is the bias-corrected moving average of the
+    per-step global counts: counts of 1 average to 1 only up to rounding, and n/(n-1) squared
+    would turn that rounding into a spike of 1e9 or more (found by the soak: a float32 ``ema``
+    scenario with one kept row per step; the float64 reference spiked to 1e27 from its own
+    rounding). In ``global`` and ``local`` mode n is a whole count, and the margin changes
+    nothing."""
     nb = stats.get(BATCH_COUNT, stats["count"])
-    defined = nb > 1
+    defined = nb > 1 + BESSEL_MARGIN
     return torch.where(defined, nb / torch.where(defined, nb - 1, 1.0), 0.0), defined
 
 
@@ -163,7 +174,8 @@ class DeCov(_GramPenalty):
 class VarianceFloor(Penalty):
     """VICReg variance term: ``weight * mean_j relu(gamma - sqrt(var_j + eps))``.
 
-    ``var_j`` is the unbiased variance ``(sum_i x_ij^2 - n mu_j^2) / (n - 1)``; with ``n <= 1`` it is
+    ``var_j`` is the unbiased variance ``(sum_i x_ij^2 - n mu_j^2) / (n - 1)``; with ``n <= 1``
+    (``ema``: within 1e-4 of 1) it is
     undefined and the penalty is 0. ``weight``: a finite number >= 0; ``gamma`` (the target
     standard deviation): a finite number > 0; ``eps``: a finite number > 0 (it keeps the square
     root's gradient finite at zero variance).
@@ -197,7 +209,8 @@ class VarianceFloor(Penalty):
 class Covariance(_GramPenalty):
     """VICReg covariance term: ``weight * sum_{i != j} C_ij^2 / d``.
 
-    ``C = (sum_i x_i x_i^T - n mu mu^T) / (n - 1)`` is the unbiased covariance; 0 when ``n <= 1``.
+    ``C = (sum_i x_i x_i^T - n mu mu^T) / (n - 1)`` is the unbiased covariance; 0 when ``n <= 1``
+    (``ema``: within 1e-4 of 1).
     ``weight``: a finite number >= 0.
     """
 
