@@ -29,15 +29,12 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import fused as _fused
-
-if TYPE_CHECKING:
-    from .values import _Plan
 
 Sum = Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
 
@@ -59,30 +56,13 @@ class ValueKernels:
     windowed: bool
 
 
-def _summer(plans: list[_Plan]) -> Sum:
-    """``total(S, batch_scale, window)``: the sum of every plan's values, reading ``S`` from 0."""
-
-    def total(stats: Tensor, batch_scale: Tensor | None, window: Tensor | None) -> Tensor:
-        frozen = stats.detach()
-        out: Tensor | None = None
-        for plan in plans:
-            diff = [r.view(stats, 0) for r in plan.diff_reads]
-            v = plan.values(frozen, diff, batch_scale, window, (0, 0))
-            v = v.sum() if v.dim() else v
-            out = v if out is None else out + v
-        return stats.new_zeros(()) if out is None else out
-
-    return total
-
-
 def build(
-    plans: list[_Plan], stats: Tensor, ok: Tensor, batch_scale: Tensor | None, window: Tensor | None
+    total: Sum, stats: Tensor, ok: Tensor, batch_scale: Tensor | None, window: Tensor | None
 ) -> ValueKernels | None:
-    """Trace and compile the values of ``plans`` for inputs like these; None (and a warning) when
-    that fails."""
+    """Trace and compile ``total(S, batch_scale, window)`` (the sum of a layout's values) for inputs
+    like these; None (and a warning) when that fails."""
     if not _fused.available():
         return None
-    total = _summer(plans)
     scaled, windowed = batch_scale is not None, window is not None
 
     def split(args: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, list[Tensor]]:

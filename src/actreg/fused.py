@@ -317,7 +317,7 @@ def _find(root: object, kind: type, depth: int = 10) -> Any:
     return None
 
 
-def _get(key: _Key, build: Callable[[], Kernel], what: str = "a fused statistics kernel") -> Kernel | None:
+def _get(key: _Key, build: Callable[[], Kernel]) -> Kernel | None:
     kernel = _kernels.get(key, False)
     if kernel is not False:
         return kernel  # type: ignore[return-value]
@@ -333,9 +333,9 @@ def _get(key: _Key, build: Callable[[], Kernel], what: str = "a fused statistics
                 built: Kernel | None = build()
         except Exception as err:  # no C++ compiler, an unsupported op, ...: the eager code runs
             warnings.warn(
-                f"actreg: compiling {what} failed ({type(err).__name__}: {str(err)[:300]}); the eager "
-                f"code runs instead (the same values). Set {ENV}=0 or pass ActivityRegularizer(..., "
-                "fused=False) to skip the attempt.",
+                f"actreg: compiling a fused statistics kernel failed ({type(err).__name__}: "
+                f"{str(err)[:300]}); this slot uses the eager statistics instead. Set {ENV}=0 or pass "
+                "ActivityRegularizer(..., fused=False) to skip the attempt.",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +116,7 @@ class Evaluator:
                     size = sum(r.numel * (r.shape[0] if r.batched else 1) for r in self._reads)
                     built = None
                     if size <= COMPILED_READS:
-                        built = build(self._plans, stats, ok, batch_scale, window)
+                        built = build(self._plain_sum, stats, ok, batch_scale, window)
                     self._compiled = built if built is not None else False
         kernels = self._compiled
         if kernels is False or not fits(kernels, stats, batch_scale, window):  # type: ignore[arg-type]
@@ -139,6 +140,13 @@ class Evaluator:
         when the statistics were not finite (the values' own backward may then produce NaN).
         """
         diff = Gathered.apply(stats, ok, self._reads) if self._reads else ()
+        return self._sum(stats, diff, batch_scale, window)
+
+    def _sum(
+        self, stats: Tensor, diff: Sequence[Tensor], batch_scale: Tensor | None, window: Tensor | None
+    ) -> Tensor:
+        """The sum of every plan's values, with ``diff`` the differentiated reads of all plans in
+        order (``Gathered``'s views eagerly, plain views in the compiled values' trace)."""
         frozen = stats.detach()  # (a view taken under no_grad would still require grad)
         total: Tensor | None = None
         at = 0
@@ -149,6 +157,11 @@ class Evaluator:
             v = v.sum() if v.dim() else v
             total = v if total is None else total + v
         return stats.new_zeros(()) if total is None else total
+
+    def _plain_sum(self, stats: Tensor, batch_scale: Tensor | None, window: Tensor | None) -> Tensor:
+        """:meth:`_sum` reading the differentiated statistics as plain views of ``stats``: what
+        :mod:`actreg.compiled_values` traces (its backward masks the failed step itself)."""
+        return self._sum(stats, [r.view(stats) for r in self._reads], batch_scale, window)
 
     def values(self, stats: Tensor, batch_scale: Tensor | None, window: Tensor | None = None) -> Tensor:
         """The value of every penalty, in the order of :meth:`order` (``[P]``), without autograd."""
@@ -190,13 +203,10 @@ class _Read:
         stride = steps.pop() if len(steps) == 1 else self.numel
         self._strides = (stride, *inner) if self.batched else tuple(inner)
 
-    def view(self, buffer: Tensor, base: int | None = None) -> Tensor:
-        """The members' statistic in ``buffer``; ``base``: its storage offset when known (a
-        compiled region cannot ask a tensor for it)."""
+    def view(self, buffer: Tensor) -> Tensor:
         if self.index is not None:
             return buffer.index_select(0, self.index).view(self.shape)
-        start = (buffer.storage_offset() if base is None else base) + self.offsets[0]
-        return buffer.as_strided(self.shape, self._strides, start)
+        return buffer.as_strided(self.shape, self._strides, buffer.storage_offset() + self.offsets[0])
 
     def write(self, buffer: Tensor, grad: Tensor, ok: Tensor | None) -> None:
         """Put ``grad`` (of :meth:`view`) into ``buffer`` (contiguous, offset 0); zeros where ``ok``
@@ -267,17 +277,10 @@ class _Plan:
         self.scales = None if group.scales is None else torch.tensor(group.scales, dtype=dtype, device=device)
 
     def values(
-        self,
-        stats: Tensor,
-        diff: list[Tensor],
-        batch_scale: Tensor | None,
-        window: Tensor | None = None,
-        bases: tuple[int, int] | None = None,
+        self, stats: Tensor, diff: list[Tensor], batch_scale: Tensor | None, window: Tensor | None = None
     ) -> Tensor:
-        """``bases``: the storage offsets of ``stats`` and ``window`` (compiled: see _Read.view)."""
         group = self.group
-        sb, wb = (None, None) if bases is None else bases
-        const = [r.view(stats, sb) for r in self.const_reads]  # `stats` carries no gradient here
+        const = [r.view(stats) for r in self.const_reads]  # `stats` carries no gradient here
         s: dict[str, Tensor] = {}
         for (name, _, read_scale), is_const in zip(group.stats, self.kinds, strict=True):
             t = (const if is_const else diff).pop(0)
@@ -285,7 +288,7 @@ class _Plan:
         for name, read, read_scale in self.window_reads:  # windowed penalties need a window
             if window is None:
                 raise RuntimeError(f"{group.penalty!r} reads the accumulation window, which was not given")
-            w = read.view(window, wb)
+            w = read.view(window)
             s["window_" + name] = w if read_scale == 1.0 else w * read_scale
         if batch_scale is not None and "count" in s:
             s[BATCH_COUNT] = s["count"] * batch_scale
