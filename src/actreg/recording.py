@@ -301,7 +301,7 @@ class Recorder:
         if through and self.fused and not own:
             passed = fused_through(x, keep, shift if spec.centred else None, spec, acc)
             if passed is not None:
-                if keep is None and row == 0 and not spec.centred and not _in_backward():
+                if keep is None and row == 0 and not _in_backward():  # (through_kernels: uncentred)
                     self._set_fast(index, x, spec, acc)
                 return passed[1], passed[0]
         block = fused_statistics(x, keep, shift if spec.centred else None, spec, acc, row, self.fused)

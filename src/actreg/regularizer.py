@@ -130,10 +130,8 @@ class ActivityRegularizer(Joinable):
         self.mode = mode(sync)
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
-        if (
-            isinstance(activity_threshold, bool)
-            or not isinstance(activity_threshold, (int, float))
-            or not (0.0 <= activity_threshold < float("inf"))
+        if isinstance(activity_threshold, bool) or not isinstance(activity_threshold, (int, float)) or not (
+            0.0 <= activity_threshold < float("inf")
         ):
             raise ValueError(f"activity_threshold must be a finite number >= 0, got {activity_threshold!r}")
         if grad_scale is not None and (

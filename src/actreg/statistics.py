@@ -543,7 +543,9 @@ class TemporalDifferences(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, keep: Tensor | None, time_dim: int, acc: torch.dtype) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, keep: Tensor | None, time_dim: int, acc: torch.dtype
+    ) -> Tensor:
         diff, pairs = _differences(x, keep, time_dim, acc)
         if pairs is None:
             n = _constant(diff.numel(), acc, x.device)
