@@ -295,6 +295,20 @@ def test_fused_training_step_never_reads_the_device(monkeypatch: pytest.MonkeyPa
     assert len(actreg.fused.compile_seconds) > before or actreg.fused._kernels
 
 
+def _same_steps(
+    got: list[tuple[float, list[Tensor]]], want: list[tuple[float, list[Tensor]]], finite: bool = False
+) -> None:
+    """Every step's ``(loss, gradients)`` equal, float64: loss to 1e-12, gradients to 1e-12 / 1e-14
+    (``finite``: and every gradient finite)."""
+    assert len(got) == len(want)
+    for step, ((lg, gg), (lw, gw)) in enumerate(zip(got, want, strict=True)):
+        assert lg == pytest.approx(lw, rel=1e-12), step
+        for a, b in zip(gg, gw, strict=True):
+            if finite:
+                assert torch.isfinite(a).all(), step
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def _independent_step_loss(outputs: list[tuple[Tensor, Tensor | None]]) -> Tensor:
     """``0.3 L1 + 0.2 L2`` of one step's recordings from the formulas (float64): sums over every
     kept row of every call, divided by the number of kept rows."""
@@ -360,10 +374,7 @@ def test_fast_path_is_exact_and_steps_aside_when_anything_changes(monkeypatch: p
 
     got, want = run(True), run(False)
     assert [n > 0 for _, _, n in got] == fast, [n for _, _, n in got]
-    for (lf, gf, _), (le, ge, _) in zip(got, want, strict=True):
-        assert lf == pytest.approx(le, rel=1e-12)
-        for a, b in zip(gf, ge, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _same_steps([(loss, g) for loss, g, _ in got], [(loss, g) for loss, g, _ in want])
 
 
 def test_compiled_values_are_used_and_a_failed_step_gives_zero_and_no_nan() -> None:
@@ -407,11 +418,7 @@ def test_compiled_values_are_used_and_a_failed_step_gives_zero_and_no_nan() -> N
     le, ge, _ = run(False)
     assert reg._evaluator is not None and isinstance(reg._evaluator[1]._compiled, ValueKernels)
     assert lf[2] == 0.0 and int(reg.metrics()["skipped_steps"]) == 1
-    for step, (a_step, b_step) in enumerate(zip(gf, ge, strict=True)):
-        assert lf[step] == pytest.approx(le[step], rel=1e-12)
-        for a, b in zip(a_step, b_step, strict=True):
-            assert torch.isfinite(a).all(), step
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _same_steps(list(zip(lf, gf, strict=True)), list(zip(le, ge, strict=True)), finite=True)
     # the kernels on their own: a step buffer with an infinite Gram entry and ok False gives total
     # 0, ok' False and a zero gradient, NaN-free (the slot's own backward would hide a NaN here)
     evaluator = reg._evaluator[1]
@@ -468,10 +475,7 @@ def test_kernel_sizes_never_collide_with_the_example_rows(masked: bool) -> None:
     le, ge, _ = run(False)
     assert reg._evaluator is not None and isinstance(reg._evaluator[1]._compiled, ValueKernels)
     assert reg.layout.specs[0] is not None and reg.layout.specs[0].size == 7
-    for step in range(len(lf)):
-        assert lf[step] == pytest.approx(le[step], rel=1e-12)
-        for a, b in zip(gf[step], ge[step], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _same_steps(list(zip(lf, gf, strict=True)), list(zip(le, ge, strict=True)))
 
 
 def test_compiled_values_of_a_step_with_no_value_to_differentiate() -> None:
@@ -530,7 +534,4 @@ def test_fast_path_under_activation_checkpointing() -> None:
     got, reg = run(True)
     want, _ = run(False)
     assert sorted(reg.recorder._fast) == [0, 1]
-    for (lf, gf), (le, ge) in zip(got, want, strict=True):
-        assert lf == pytest.approx(le, rel=1e-12)
-        for a, b in zip(gf, ge, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _same_steps(got, want)
